@@ -1,0 +1,63 @@
+# SIP Thor: build, lint and test.
+#
+#   make test   install what is missing (as root on Debian 12), lint, and run the
+#               whole suite twice: on the latest PyPI releases (.venv) and on
+#               Debian bookworm's own python3-* packages (/usr/bin/python3)
+#   make lint   ruff check and format check
+#   make demo   a whole network on one machine (arrives with thor-manager/thor-node)
+
+SHELL := /bin/bash
+DEBIAN_PYTHON := /usr/bin/python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+# What the suite needs from Debian: the bookworm stack the servers run on,
+# and the tools to build the dev venv.
+APT_PACKAGES := python3 python3-venv python3-pip git \
+	python3-gevent python3-cryptography python3-dnspython \
+	python3-pytest python3-hypothesis
+PYTEST_ARGS ?=
+
+.PHONY: test lint format deps venv test-latest test-bookworm demo clean
+
+test: deps venv lint test-latest test-bookworm
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install as root): $$missing"; exit 1; fi; \
+		echo "installing Debian packages: $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	$(DEBIAN_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The latest releases from PyPI, as a developer has them.
+test-latest: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Debian bookworm's packages, as the servers have them: no venv, no pip.
+test-bookworm: deps
+	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+demo:
+	@echo "make demo needs thor-eventserver, thor-manager and thor-node, which are not built yet" >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

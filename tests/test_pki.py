@@ -1,0 +1,220 @@
+import json
+import os
+import stat
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import REPO, python_command
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from thor.cli.pki import main as pki_main
+from thor.pki import ROLE_URI_PREFIX, CertificateAuthority, PKIError
+from thor.tls import load_certificate_identity
+from thor.x509compat import crl_next_update, not_valid_after
+
+
+def load_certificate(path):
+    with open(path, "rb") as stream:
+        return x509.load_pem_x509_certificate(stream.read())
+
+
+def load_crl(path):
+    with open(path, "rb") as stream:
+        return x509.load_pem_x509_crl(stream.read())
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_round_trip_init_issue_list_revoke_renew(tmp_path):
+    directory = tmp_path / "ca"
+    ca = CertificateAuthority.init(directory)
+    assert mode(directory) == 0o700
+    assert mode(directory / "ca.key") == 0o600
+    assert len(list(load_crl(ca.crl_path))) == 0
+
+    record = ca.issue("node1.example.com", "sip_proxy,media_relay", address="10.0.0.5")
+    assert record.roles == ("media_relay", "sip_proxy")
+    assert mode(ca.key_path("node1.example.com")) == 0o600
+
+    certificate = load_certificate(ca.certificate_path("node1.example.com"))
+    assert certificate.subject.rfc4514_string() == "CN=node1.example.com"
+    assert certificate.serial_number == record.serial
+    alt = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert alt.get_values_for_type(x509.UniformResourceIdentifier) == [
+        ROLE_URI_PREFIX + "media_relay",
+        ROLE_URI_PREFIX + "sip_proxy",
+    ]
+    assert [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    # The certificate's signature is the CA's.
+    ca_certificate = load_certificate(ca.ca_certificate_path)
+    ca_certificate.public_key().verify(
+        certificate.signature, certificate.tbs_certificate_bytes, ec.ECDSA(certificate.signature_hash_algorithm)
+    )
+    identity = load_certificate_identity(ca.certificate_path("node1.example.com"))
+    assert identity.name == "node1.example.com"
+    assert identity.roles == {"sip_proxy", "media_relay"}
+
+    ca.issue("node2.example.com", ["xcap_server"])
+    assert [(r.name, r.status()) for r in ca.records()] == [
+        ("node1.example.com", "valid"),
+        ("node2.example.com", "valid"),
+    ]
+
+    (revoked,) = ca.revoke("node1.example.com", reason="key_compromise")
+    crl = load_crl(ca.crl_path)
+    assert crl.is_signature_valid(ca_certificate.public_key())
+    assert [entry.serial_number for entry in crl] == [revoked.serial]
+    assert (
+        crl.get_revoked_certificate_by_serial_number(revoked.serial)
+        .extensions.get_extension_for_class(x509.CRLReason)
+        .value.reason
+        == x509.ReasonFlags.key_compromise
+    )
+    assert [(r.name, r.status()) for r in ca.records()] == [
+        ("node1.example.com", "revoked"),
+        ("node2.example.com", "valid"),
+    ]
+
+    # A revoked name can be issued again; the CRL keeps the old serial.
+    again = ca.issue("node1.example.com", "sip_proxy")
+    assert again.serial != revoked.serial
+
+    # CRL renewal: a later next-update, a higher CRL number, the same revoked serials.
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    later = datetime.now(UTC) + timedelta(days=1)
+    ca.renew_crl(days=60, now=later)
+    renewed = load_crl(ca.crl_path)
+    assert crl_next_update(renewed) > crl_next_update(crl) + timedelta(days=29)
+    assert renewed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
+    assert [entry.serial_number for entry in renewed] == [revoked.serial]
+
+
+def test_duplicate_name_needs_replace(pki):
+    first = pki.ca.issue("node1", "sip_proxy")
+    with pytest.raises(
+        PKIError, match="a certificate for node1 exists already .* revoke it first or issue with --replace"
+    ):
+        pki.ca.issue("node1", "sip_proxy")
+    second = pki.ca.issue("node1", "sip_proxy,xcap_server", replace=True)
+    statuses = {r.serial: r.status() for r in pki.ca.records()}
+    assert statuses == {first.serial: "revoked", second.serial: "valid"}
+    assert [entry.serial_number for entry in pki.ca.crl()] == [first.serial]
+
+
+@pytest.mark.parametrize(
+    ("name", "roles", "address", "message"),
+    [
+        ("node1", "sip_proxi", None, "unknown role 'sip_proxi'"),
+        ("node1", "", None, "no role given"),
+        ("node1", "Sip-Proxy", None, "invalid role name"),
+        ("Node_1", "sip_proxy", None, "invalid node name 'Node_1'"),
+        ("../etc", "sip_proxy", None, "invalid node name"),
+        ("node1", "sip_proxy", "10.0.0.300", "invalid address '10.0.0.300'"),
+    ],
+)
+def test_issue_refuses_bad_input(pki, name, roles, address, message):
+    with pytest.raises(PKIError, match=message):
+        pki.ca.issue(name, roles, address=address)
+    assert pki.ca.records() == []
+
+
+def test_third_party_roles_are_declared(tmp_path):
+    CertificateAuthority.init(tmp_path / "ca")
+    with pytest.raises(PKIError, match="unknown role 'conference_server'"):
+        CertificateAuthority(tmp_path / "ca").issue("node1", "conference_server")
+    ca = CertificateAuthority(tmp_path / "ca", extra_roles=["conference_server"])
+    assert ca.issue("node1", "conference_server").roles == ("conference_server",)
+
+
+def test_expired_ca_is_refused(tmp_path):
+    past = datetime.now(UTC) - timedelta(days=30)
+    ca = CertificateAuthority.init(tmp_path / "ca", days=10, now=past)
+    with pytest.raises(PKIError, match="the CA certificate expired on .*create a new CA"):
+        ca.issue("node1", "sip_proxy")
+    with pytest.raises(PKIError, match="expired"):
+        ca.renew_crl()
+
+
+def test_node_certificate_never_outlives_the_ca(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca", days=100)
+    ca.issue("node1", "sip_proxy", days=1000)
+    node = load_certificate(ca.certificate_path("node1"))
+    assert not_valid_after(node) == not_valid_after(load_certificate(ca.ca_certificate_path))
+
+
+def test_init_refuses_to_overwrite_and_open_needs_a_ca(tmp_path):
+    CertificateAuthority.init(tmp_path / "ca")
+    with pytest.raises(PKIError, match="a CA exists already"):
+        CertificateAuthority.init(tmp_path / "ca")
+    with pytest.raises(PKIError, match="no CA here"):
+        CertificateAuthority(tmp_path / "elsewhere")
+
+
+def test_revoke_unknown_name(pki):
+    with pytest.raises(PKIError, match="nobody has no certificate to revoke .no certificate was ever issued"):
+        pki.ca.revoke("nobody")
+
+
+def test_cli_round_trip(tmp_path, capsys):
+    directory = str(tmp_path / "ca")
+    assert pki_main(["--dir", directory, "init"]) == 0
+    assert pki_main(["--dir", directory, "issue", "es1", "--roles", "thor_eventserver,thor_manager"]) == 0
+    assert pki_main(["--dir", directory, "issue", "node1", "--roles", "sip_proxy", "--address", "127.0.0.2"]) == 0
+    assert pki_main(["--dir", directory, "revoke", "node1", "--reason", "key_compromise"]) == 0
+    assert pki_main(["--dir", directory, "crl", "--days", "7"]) == 0
+    capsys.readouterr()
+    assert pki_main(["--dir", directory, "list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [(c["name"], c["roles"], c["status"]) for c in listing["certificates"]] == [
+        ("es1", ["thor_eventserver", "thor_manager"], "valid"),
+        ("node1", ["sip_proxy"], "revoked"),
+    ]
+    next_update = datetime.fromisoformat(listing["crl_next_update"])
+    assert timedelta(days=6) < next_update - datetime.now(UTC) <= timedelta(days=7)
+    assert pki_main(["--dir", directory, "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "ROLES", "SERIAL", "EXPIRES", "STATUS"]
+    assert table[2].split()[0] == "node1" and table[2].split()[-1] == "revoked"
+
+
+def test_cli_reads_pki_section_and_reports_errors_in_one_line(tmp_path):
+    config = tmp_path / "config.ini"
+    config.write_text(f"[PKI]\ndirectory = {tmp_path / 'ca'}\nextra_roles = conference_server\ncrl_days = 3\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+
+    def run(*args):
+        return subprocess.run(
+            python_command("thor.cli.pki", "--config", str(config), *args),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    assert run("init").returncode == 0
+    assert run("issue", "conf1", "--roles", "conference_server").returncode == 0
+    duplicate = run("issue", "conf1", "--roles", "conference_server")
+    assert duplicate.returncode == 1
+    assert duplicate.stderr.startswith("thor-pki: error: a certificate for conf1 exists already")
+    assert duplicate.stderr.count("\n") == 1
+    crl = CertificateAuthority(tmp_path / "ca").crl()
+    assert crl_next_update(crl) - datetime.now(UTC) <= timedelta(days=3)
+
+    config.write_text("[PKI]\ncrl_days = soon\n")
+    bad = run("list")
+    assert bad.returncode == 1
+    assert bad.stderr == f"thor-pki: error: {config}: [PKI] crl_days = 'soon': expected an integer from 1 to 3650\n"
+
+
+def test_generated_material_is_ignored_by_git():
+    ignored = subprocess.run(
+        ["git", "check-ignore", "pki/ca.key", "pki/mynetwork/nodes/node1.key", "pki/README.md"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == ["pki/ca.key", "pki/mynetwork/nodes/node1.key"]

@@ -1,0 +1,145 @@
+"""thor-pki: the provider's certificate authority for SIP Thor nodes."""
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from thor import __version__
+from thor.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from thor.pki import REVOCATION_REASONS, CertificateAuthority, PKIConfig, PKIError
+
+EX_USAGE = 2
+EX_FAILURE = 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="thor-pki",
+        description="Create the provider CA, issue node certificates with their roles, revoke them, keep the CRL.",
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"configuration file, section [PKI] (default: {DEFAULT_CONFIG_PATH})"
+    )
+    parser.add_argument("--dir", metavar="DIR", help="CA directory (default: [PKI] directory)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="create the provider CA and an empty CRL")
+    init.add_argument("--name", default="SIP Thor provider CA", help="the CA's common name")
+    init.add_argument("--days", type=int, help="CA validity in days (default: [PKI] ca_days)")
+
+    issue = commands.add_parser("issue", help="issue a node certificate and key")
+    issue.add_argument("name", help="node name: the certificate's common name, a lowercase DNS name")
+    issue.add_argument("--roles", required=True, help="comma separated roles the node may take")
+    issue.add_argument("--address", help="the node's IP address, added to the certificate")
+    issue.add_argument("--days", type=int, help="validity in days (default: [PKI] certificate_days)")
+    issue.add_argument(
+        "--replace", action="store_true", help="revoke the node's current certificate (superseded) and issue anew"
+    )
+
+    revoke = commands.add_parser("revoke", help="revoke a node's certificates and re-issue the CRL")
+    revoke.add_argument("name")
+    revoke.add_argument("--reason", default="unspecified", choices=sorted(REVOCATION_REASONS))
+
+    crl = commands.add_parser("crl", help="re-issue the CRL (do it before it expires)")
+    crl.add_argument("--days", type=int, help="CRL validity in days (default: [PKI] crl_days)")
+
+    listing = commands.add_parser("list", help="list issued certificates")
+    listing.add_argument("--json", action="store_true", help="machine readable output")
+    return parser
+
+
+def main(argv=None):
+    options = build_parser().parse_args(argv)
+    try:
+        (config,) = load_config(options.config or DEFAULT_CONFIG_PATH, PKIConfig, required=options.config is not None)
+        directory = options.dir or config.directory
+        if getattr(options, "days", None) is not None and options.days < 1:
+            raise PKIError("--days must be at least 1")
+        return COMMANDS[options.command](options, config, directory)
+    except (ConfigError, PKIError) as error:
+        print(f"thor-pki: error: {error}", file=sys.stderr)
+        return EX_FAILURE
+    except OSError as error:
+        print(f"thor-pki: error: {error.filename or ''}: {error.strerror}", file=sys.stderr)
+        return EX_FAILURE
+
+
+def _open(config, directory):
+    return CertificateAuthority(directory, extra_roles=config.extra_roles)
+
+
+def command_init(options, config, directory):
+    ca = CertificateAuthority.init(
+        directory, common_name=options.name, days=options.days or config.ca_days, crl_days=config.crl_days
+    )
+    print(f"CA created in {ca.directory}")
+    print(f"  certificate: {ca.ca_certificate_path}")
+    print(f"  CRL:         {ca.crl_path} (valid until {ca.crl_expiry():%Y-%m-%d %H:%M} UTC)")
+    return 0
+
+
+def command_issue(options, config, directory):
+    ca = _open(config, directory)
+    record = ca.issue(
+        options.name,
+        options.roles,
+        address=options.address,
+        days=options.days or config.certificate_days,
+        replace=options.replace,
+    )
+    print(f"issued {record.name} (serial {record.serial:x}) roles {','.join(record.roles)}")
+    print(f"  valid until: {record.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"  certificate: {ca.certificate_path(record.name)}")
+    print(f"  key:         {ca.key_path(record.name)}")
+    return 0
+
+
+def command_revoke(options, config, directory):
+    ca = _open(config, directory)
+    for record in ca.revoke(options.name, reason=options.reason):
+        print(f"revoked {record.name} (serial {record.serial:x}, reason {record.reason})")
+    print(f"CRL updated: {ca.crl_path}; copy it to every node (they reload it without restart)")
+    return 0
+
+
+def command_crl(options, config, directory):
+    ca = _open(config, directory)
+    expiry = ca.renew_crl(days=options.days or config.crl_days)
+    print(f"CRL re-issued: {ca.crl_path}, valid until {expiry:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def command_list(options, config, directory):
+    ca = _open(config, directory)
+    now = datetime.now(UTC)
+    records = ca.records()
+    if options.json:
+        output = {
+            "crl_next_update": ca.crl_expiry().isoformat(),
+            "certificates": [dict(record.to_json(), status=record.status(now)) for record in records],
+        }
+        print(json.dumps(output, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'ROLES':<40} {'SERIAL':<40} {'EXPIRES':<16} STATUS")
+    for record in records:
+        print(
+            f"{record.name:<24} {','.join(record.roles):<40} {record.serial:<40x} "
+            f"{record.not_after:%Y-%m-%d %H:%M} {record.status(now)}"
+        )
+    print(f"CRL valid until {ca.crl_expiry():%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+COMMANDS = {
+    "init": command_init,
+    "issue": command_issue,
+    "revoke": command_revoke,
+    "crl": command_crl,
+    "list": command_list,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The shape every Thor program shares.
+
+Parse the command line (--config, --debug, --version and the program's own
+options), configure logging to stderr under the program's name, load the
+configuration sections the program declares, build the daemon and run it in
+the foreground until TERM or INT. HUP reloads (the TLS files at least), USR1
+toggles debug logging. A configuration or start-up error is one line on
+stderr and exit status 78 (EX_CONFIG), so supervisor's log says what to fix.
+
+Entry points call gevent.monkey.patch_all() before importing this module.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import gevent
+from gevent.event import Event
+
+from thor import __version__
+from thor.config import DEFAULT_CONFIG_PATH, ConfigError, TLSConfig, load_config
+from thor.tls import TLSContexts, TLSError
+
+__all__ = ["EX_CONFIG", "Daemon", "StartupError", "configure_logging", "run"]
+
+EX_CONFIG = 78
+
+LOG_FORMAT = "%(asctime)s {program}[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class StartupError(Exception):
+    """A daemon cannot start; str() is one line for the operator."""
+
+
+class Daemon:
+    """Base of the Thor daemons.
+
+    Subclasses set `program` and `sections` (the configuration section
+    classes they read; TLSConfig gives them self.tls), and implement start()
+    (start serving without blocking) and stop() (stop serving, bounded in
+    time). self.config maps each section class to its loaded instance.
+    """
+
+    program = "thor"
+    description = None
+    sections = (TLSConfig,)
+
+    def __init__(self, config, options):
+        self.config = config
+        self.options = options
+        self.log = logging.getLogger(self.program)
+        self.tls = None
+        tls_config = config.get(TLSConfig)
+        if tls_config is not None:
+            try:
+                self.tls = TLSContexts.from_config(tls_config)
+            except TLSError as error:
+                raise StartupError(str(error)) from None
+            self.tls.watch(tls_config.crl_check_interval)
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """Add the program's own command line options."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        if self.tls is not None:
+            self.tls.stop_watching()
+
+    def reload(self):
+        if self.tls is not None:
+            self.tls.reload()
+
+
+def configure_logging(program, debug=False):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(program=program)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _toggle_debug(log):
+    root = logging.getLogger()
+    debug = root.level != logging.DEBUG
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.info("debug logging %s", "on" if debug else "off")
+
+
+def run(daemon_class, argv=None):
+    """Run daemon_class in the foreground; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog=daemon_class.program, description=daemon_class.description)
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help=f"configuration file (default: {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument("--debug", action="store_true", help="log debug messages (SIGUSR1 toggles)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    daemon_class.add_arguments(parser)
+    options = parser.parse_args(argv)
+    program = daemon_class.program
+    configure_logging(program, options.debug)
+    log = logging.getLogger(program)
+
+    try:
+        path = options.config or DEFAULT_CONFIG_PATH
+        sections = load_config(path, *daemon_class.sections, required=options.config is not None)
+        daemon = daemon_class(dict(zip(daemon_class.sections, sections, strict=True)), options)
+        daemon.start()
+    except (ConfigError, StartupError) as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return EX_CONFIG
+
+    stopping = Event()
+
+    def request_stop(signum):
+        if stopping.is_set():
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(1)
+        log.info("%s received, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    gevent.signal_handler(signal.SIGTERM, request_stop, signal.SIGTERM)
+    gevent.signal_handler(signal.SIGINT, request_stop, signal.SIGINT)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, daemon, log))
+    gevent.signal_handler(signal.SIGUSR1, _toggle_debug, log)
+    log.info("%s %s started", program, __version__)
+    stopping.wait()
+    daemon.stop()
+    log.info("%s stopped", program)
+    return 0
+
+
+def _reload(daemon, log):
+    log.info("SIGHUP received, reloading")
+    try:
+        daemon.reload()
+    except Exception:
+        log.exception("reload failed")

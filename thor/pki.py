@@ -1,0 +1,466 @@
+"""The provider's certificate authority.
+
+State lives in one directory, owned by the operator (mode 0700):
+
+    ca.crt  ca.key          the provider CA (key mode 0600)
+    crl.pem                 the current certificate revocation list
+    index.json              every certificate ever issued, and the CRL number
+    nodes/NAME.crt NAME.key node certificates and keys (keys mode 0600)
+
+Node certificate profile (see docs/pki.md): subject CN = node name;
+subjectAltName carries DNS:<name>, IP:<address> when given, and one URI
+urn:sipthor:role:<role> for every role the node may take; ECDSA P-256 keys,
+SHA-256 signatures, extended key usage serverAuth + clientAuth, because every
+node is client of some peers and server of others.
+
+Every operation holds an exclusive lock on the directory, so that parallel
+callers (Ansible forks issuing certificates for many hosts) never interleave.
+"""
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from thor.config import Section, Setting
+from thor.datatypes import Integer, NameList, Path
+from thor.roles import RoleError, check_role_name, parse_roles
+from thor.x509compat import crl_last_update, crl_next_update, not_valid_after
+
+__all__ = [
+    "REVOCATION_REASONS",
+    "ROLE_URI_PREFIX",
+    "CertificateAuthority",
+    "CertificateRecord",
+    "PKIConfig",
+    "PKIError",
+    "check_node_name",
+    "roles_from_uris",
+]
+
+ROLE_URI_PREFIX = "urn:sipthor:role:"
+
+# Allowance for clocks of peers that run a little behind the CA's.
+CLOCK_SKEW = timedelta(minutes=5)
+
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key_compromise": x509.ReasonFlags.key_compromise,
+    "affiliation_changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
+}
+
+_NODE_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+
+
+class PKIError(Exception):
+    """An operator error; str() is one line."""
+
+
+class PKIConfig(Section):
+    name = "PKI"
+    directory = Setting(
+        Path(),
+        "/var/lib/thor/pki",
+        "Where thor-pki keeps the CA, the CRL, the index and issued certificates (--dir overrides).",
+    )
+    ca_days = Setting(Integer(1, 36500), "3650", "Validity of a new provider CA, in days.")
+    certificate_days = Setting(Integer(1, 36500), "730", "Validity of a node certificate, in days.")
+    crl_days = Setting(
+        Integer(1, 3650),
+        "30",
+        "Validity of the CRL, in days; re-issue it with 'thor-pki crl' before it expires.",
+    )
+    extra_roles = Setting(
+        NameList(),
+        "",
+        "Third-party roles certificates may carry besides the built-in ones, comma separated.",
+    )
+
+
+def check_node_name(name):
+    """A node name is a lowercase DNS name; it is the certificate's common name."""
+    if len(name) > 253 or not _NODE_NAME.match(name):
+        raise PKIError(
+            f"invalid node name {name!r}: expected a lowercase DNS name (letters, digits, '-', dots between labels)"
+        )
+    return name
+
+
+def roles_from_uris(uris):
+    """Roles carried by a certificate, from its subjectAltName URIs."""
+    roles = set()
+    for uri in uris:
+        if uri.startswith(ROLE_URI_PREFIX):
+            try:
+                roles.add(check_role_name(uri[len(ROLE_URI_PREFIX) :]))
+            except RoleError:
+                continue
+    return frozenset(roles)
+
+
+class CertificateRecord:
+    """One line of the index: a certificate the CA issued."""
+
+    __slots__ = ("address", "name", "not_after", "not_before", "reason", "revoked", "roles", "serial")
+
+    def __init__(self, name, serial, roles, address, not_before, not_after, revoked=None, reason=None):
+        self.name = name
+        self.serial = serial
+        self.roles = tuple(roles)
+        self.address = address
+        self.not_before = not_before
+        self.not_after = not_after
+        self.revoked = revoked
+        self.reason = reason
+
+    def status(self, now=None):
+        now = now or datetime.now(UTC)
+        if self.revoked:
+            return "revoked"
+        if self.not_after < now:
+            return "expired"
+        if self.not_before > now:
+            return "not yet valid"
+        return "valid"
+
+    def to_json(self):
+        return {
+            "name": self.name,
+            "serial": f"{self.serial:x}",
+            "roles": list(self.roles),
+            "address": self.address,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "revoked": self.revoked.isoformat() if self.revoked else None,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(
+            name=data["name"],
+            serial=int(data["serial"], 16),
+            roles=data["roles"],
+            address=data["address"],
+            not_before=datetime.fromisoformat(data["not_before"]),
+            not_after=datetime.fromisoformat(data["not_after"]),
+            revoked=datetime.fromisoformat(data["revoked"]) if data["revoked"] else None,
+            reason=data.get("reason"),
+        )
+
+
+class CertificateAuthority:
+    """Operations on a CA directory. Use init() to create one, the constructor to open one."""
+
+    def __init__(self, directory, extra_roles=()):
+        self.directory = os.path.abspath(directory)
+        self.extra_roles = tuple(extra_roles)
+        if not os.path.exists(self.path("ca.crt")):
+            raise PKIError(f"{self.directory}: no CA here; create one with 'thor-pki init'")
+
+    def path(self, *parts):
+        return os.path.join(self.directory, *parts)
+
+    @property
+    def ca_certificate_path(self):
+        return self.path("ca.crt")
+
+    @property
+    def crl_path(self):
+        return self.path("crl.pem")
+
+    def certificate_path(self, name):
+        return self.path("nodes", check_node_name(name) + ".crt")
+
+    def key_path(self, name):
+        return self.path("nodes", check_node_name(name) + ".key")
+
+    # -- creation -----------------------------------------------------------
+
+    @classmethod
+    def init(cls, directory, common_name="SIP Thor provider CA", days=3650, crl_days=30, now=None):
+        """Create a new CA with an empty CRL in directory (which must hold no CA)."""
+        now = now or datetime.now(UTC)
+        directory = os.path.abspath(directory)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with _locked(directory):
+            if os.path.exists(os.path.join(directory, "ca.crt")):
+                raise PKIError(f"{directory}: a CA exists already; refusing to overwrite it")
+            os.makedirs(os.path.join(directory, "nodes"), mode=0o700, exist_ok=True)
+            key = ec.generate_private_key(ec.SECP256R1())
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            public_key = key.public_key()
+            certificate = (
+                x509.CertificateBuilder()
+                .subject_name(subject)
+                .issuer_name(subject)
+                .public_key(public_key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - CLOCK_SKEW)
+                .not_valid_after(now + timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(
+                    x509.KeyUsage(
+                        digital_signature=False,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=True,
+                        crl_sign=True,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    critical=True,
+                )
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+                .sign(key, hashes.SHA256())
+            )
+            _write_private(os.path.join(directory, "ca.key"), _key_pem(key))
+            _write_public(os.path.join(directory, "ca.crt"), certificate.public_bytes(serialization.Encoding.PEM))
+            _write_public(os.path.join(directory, "index.json"), _index_bytes({"crl_number": 0, "certificates": []}))
+        ca = cls(directory)
+        ca.renew_crl(days=crl_days, now=now)
+        return ca
+
+    # -- reading ------------------------------------------------------------
+
+    def _load_ca(self, now):
+        with open(self.path("ca.crt"), "rb") as stream:
+            certificate = x509.load_pem_x509_certificate(stream.read())
+        with open(self.path("ca.key"), "rb") as stream:
+            key = serialization.load_pem_private_key(stream.read(), password=None)
+        expiry = not_valid_after(certificate)
+        if expiry <= now:
+            raise PKIError(
+                f"the CA certificate expired on {expiry:%Y-%m-%d %H:%M} UTC; "
+                "create a new CA (thor-pki init in a new directory) and re-issue every node certificate"
+            )
+        return certificate, key
+
+    def _read_index(self):
+        with open(self.path("index.json"), encoding="utf-8") as stream:
+            data = json.load(stream)
+        return data["crl_number"], [CertificateRecord.from_json(item) for item in data["certificates"]]
+
+    def _write_index(self, crl_number, records):
+        data = {"crl_number": crl_number, "certificates": [record.to_json() for record in records]}
+        _write_public(self.path("index.json"), _index_bytes(data))
+
+    def records(self):
+        with _locked(self.directory):
+            return self._read_index()[1]
+
+    def crl(self):
+        with open(self.crl_path, "rb") as stream:
+            return x509.load_pem_x509_crl(stream.read())
+
+    def crl_expiry(self):
+        return crl_next_update(self.crl())
+
+    # -- node certificates --------------------------------------------------
+
+    def issue(self, name, roles, address=None, days=730, replace=False, not_before=None, now=None):
+        """Issue a certificate and key for node name; returns its CertificateRecord.
+
+        roles: an iterable of role names or a comma separated string. A name
+        may hold one valid certificate; replace=True revokes the current one
+        (reason superseded). not_before is for tests of not-yet-valid
+        certificates; days may be negative for tests of expired ones.
+        """
+        now = now or datetime.now(UTC)
+        check_node_name(name)
+        if not isinstance(roles, str):
+            roles = ",".join(roles)
+        try:
+            roles = parse_roles(roles, self.extra_roles)
+        except RoleError as error:
+            raise PKIError(str(error)) from None
+        ip = None
+        if address:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                raise PKIError(f"invalid address {address!r}: expected an IPv4 or IPv6 address") from None
+        with _locked(self.directory):
+            ca_certificate, ca_key = self._load_ca(now)
+            crl_number, records = self._read_index()
+            current = [r for r in records if r.name == name and r.status(now) in ("valid", "not yet valid")]
+            if current and not replace:
+                record = current[-1]
+                raise PKIError(
+                    f"a certificate for {name} exists already (serial {record.serial:x}, valid until "
+                    f"{record.not_after:%Y-%m-%d}); revoke it first or issue with --replace"
+                )
+            start = not_before or (now - CLOCK_SKEW)
+            end = min(now + timedelta(days=days), not_valid_after(ca_certificate))
+            key = ec.generate_private_key(ec.SECP256R1())
+            alt_names = [x509.DNSName(name)]
+            if ip is not None:
+                alt_names.append(x509.IPAddress(ip))
+            alt_names.extend(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role) for role in roles)
+            certificate = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_certificate.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(start)
+                .not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(
+                    x509.KeyUsage(
+                        digital_signature=True,
+                        content_commitment=False,
+                        key_encipherment=False,
+                        data_encipherment=False,
+                        key_agreement=True,
+                        key_cert_sign=False,
+                        crl_sign=False,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    critical=True,
+                )
+                .add_extension(
+                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                    critical=False,
+                )
+                .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(_authority_key_identifier(ca_certificate), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            record = CertificateRecord(name, certificate.serial_number, roles, str(ip) if ip else None, start, end)
+            _write_private(self.key_path(name), _key_pem(key))
+            _write_public(self.certificate_path(name), certificate.public_bytes(serialization.Encoding.PEM))
+            records.append(record)
+            if current:
+                for old in current:
+                    old.revoked, old.reason = now, "superseded"
+                crl_number += 1
+                self._write_crl(ca_certificate, ca_key, records, crl_number, self._crl_days(), now)
+            self._write_index(crl_number, records)
+        return record
+
+    def revoke(self, name, reason="unspecified", now=None):
+        """Revoke every unexpired certificate of name and re-issue the CRL; returns the revoked records."""
+        now = now or datetime.now(UTC)
+        if reason not in REVOCATION_REASONS:
+            raise PKIError(f"unknown revocation reason {reason!r}; expected one of {', '.join(REVOCATION_REASONS)}")
+        with _locked(self.directory):
+            ca_certificate, ca_key = self._load_ca(now)
+            crl_number, records = self._read_index()
+            targets = [r for r in records if r.name == name and not r.revoked and r.not_after > now]
+            if not targets:
+                known = any(r.name == name for r in records)
+                raise PKIError(
+                    f"{name} has no certificate to revoke" + ("" if known else " (no certificate was ever issued)")
+                )
+            for record in targets:
+                record.revoked, record.reason = now, reason
+            self._write_crl(ca_certificate, ca_key, records, crl_number + 1, self._crl_days(), now)
+            self._write_index(crl_number + 1, records)
+        return targets
+
+    def renew_crl(self, days=30, now=None):
+        """Re-issue the CRL, valid for days; returns its next-update time."""
+        now = now or datetime.now(UTC)
+        with _locked(self.directory):
+            ca_certificate, ca_key = self._load_ca(now)
+            crl_number, records = self._read_index()
+            self._write_crl(ca_certificate, ca_key, records, crl_number + 1, days, now)
+            self._write_index(crl_number + 1, records)
+        return now + timedelta(days=days)
+
+    def _crl_days(self):
+        """Keep the validity period the CRL was last issued with."""
+        try:
+            crl = self.crl()
+        except FileNotFoundError:
+            return 30
+        days = (crl_next_update(crl) - crl_last_update(crl)).days
+        return max(days, 1)
+
+    def _write_crl(self, ca_certificate, ca_key, records, number, days, now):
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_certificate.subject)
+            .last_update(now)
+            .next_update(now + timedelta(days=days))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(_authority_key_identifier(ca_certificate), critical=False)
+        )
+        for record in records:
+            if record.revoked and record.not_after > now - timedelta(days=1):
+                revoked = (
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(record.serial)
+                    .revocation_date(record.revoked)
+                    .add_extension(x509.CRLReason(REVOCATION_REASONS[record.reason]), critical=False)
+                    .build()
+                )
+                builder = builder.add_revoked_certificate(revoked)
+        crl = builder.sign(ca_key, hashes.SHA256())
+        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def _authority_key_identifier(ca_certificate):
+    ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _key_pem(key):
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _index_bytes(data):
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _write_atomic(path, data, mode):
+    """Write a whole file or nothing: readers never see half a certificate or CRL."""
+    directory = os.path.dirname(path)
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _write_private(path, data):
+    _write_atomic(path, data, 0o600)
+
+
+def _write_public(path, data):
+    _write_atomic(path, data, 0o644)
+
+
+@contextlib.contextmanager
+def _locked(directory):
+    fd = os.open(os.path.join(directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,360 @@
+"""Mutual TLS for every connection between SIP Thor nodes.
+
+Both ends present a certificate issued by the provider CA (thor.pki); both
+check the other's against the CA and the CRL. The application gets the peer's
+PeerIdentity: its node name (the certificate's common name) and the roles its
+certificate grants. The CA, certificate, key and CRL are re-read on reload()
+(the daemons call it on SIGHUP) and when the files change (watch()); a reload
+that fails keeps the previous contexts and logs why. Connections of peers
+whose certificate the new CRL revokes are closed at once.
+
+A refused handshake is logged in one line, the peer's address and the reason;
+the server goes on serving everyone else. Handshakes are bounded in time.
+"""
+
+import contextlib
+import logging
+import os
+from datetime import UTC, datetime, timedelta
+
+import gevent
+from cryptography import x509
+from gevent import socket, ssl
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from thor.pki import roles_from_uris
+from thor.x509compat import crl_next_update
+
+__all__ = ["PeerIdentity", "TLSContexts", "TLSError", "TLSServer", "connect"]
+
+log = logging.getLogger("thor.tls")
+
+# Warn operators this long before the CRL stops being accepted by OpenSSL;
+# an expired CRL makes every peer's handshake fail.
+CRL_EXPIRY_WARNING = timedelta(days=7)
+
+
+class TLSError(Exception):
+    """A TLS setup or connection problem; str() is one line."""
+
+
+class PeerIdentity:
+    """Who is at the other end of a verified TLS connection."""
+
+    __slots__ = ("address", "name", "roles", "serial")
+
+    def __init__(self, name, roles, serial, address):
+        self.name = name
+        self.roles = frozenset(roles)
+        self.serial = serial
+        self.address = address
+
+    @classmethod
+    def from_peer_certificate(cls, certificate, address):
+        name = None
+        for rdn in certificate.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    name = value
+        uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
+        serial = int(certificate["serialNumber"], 16)
+        return cls(name, roles_from_uris(uris), serial, address)
+
+    def __repr__(self):
+        return f"PeerIdentity({self.name!r}, roles={sorted(self.roles)}, address={self.address!r})"
+
+    def __str__(self):
+        return f"{self.name} ({format_address(self.address)})"
+
+
+def format_address(address):
+    if not address:
+        return "?"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TLSContexts:
+    """Server and client SSL contexts built from the TLS files, swapped on reload."""
+
+    def __init__(self, ca, certificate, private_key, crl):
+        self.files = (ca, certificate, private_key, crl)
+        self.ca, self.certificate, self.private_key, self.crl = self.files
+        self._callbacks = []
+        self._stamp = self._file_stamp()
+        self.server_context, self.client_context, self.revoked_serials = self._build()
+        self._watcher = None
+
+    @classmethod
+    def from_config(cls, tls_config):
+        return cls(tls_config.ca, tls_config.certificate, tls_config.private_key, tls_config.crl)
+
+    def add_reload_callback(self, callback):
+        """callback(contexts) runs after every successful reload."""
+        self._callbacks.append(callback)
+
+    def remove_reload_callback(self, callback):
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def reload(self):
+        """Re-read every file; True when the new contexts are in use."""
+        stamp = self._file_stamp()
+        try:
+            contexts = self._build()
+        except TLSError as error:
+            log.error("TLS reload failed, keeping the previous certificates and CRL: %s", error)
+            self._stamp = stamp
+            return False
+        self._stamp = stamp
+        self.server_context, self.client_context, self.revoked_serials = contexts
+        log.info("TLS files reloaded (%d revoked certificates)", len(self.revoked_serials))
+        for callback in list(self._callbacks):
+            try:
+                callback(self)
+            except Exception:
+                log.exception("TLS reload callback failed")
+        return True
+
+    def reload_if_changed(self):
+        if self._file_stamp() != self._stamp:
+            return self.reload()
+        return False
+
+    def watch(self, interval):
+        """Reload in the background whenever a TLS file changes."""
+        if self._watcher is None:
+            self._watcher = gevent.spawn(self._watch, interval)
+        return self._watcher
+
+    def stop_watching(self):
+        if self._watcher is not None:
+            self._watcher.kill()
+            self._watcher = None
+
+    def _watch(self, interval):
+        while True:
+            gevent.sleep(interval)
+            self.reload_if_changed()
+
+    def _file_stamp(self):
+        stamp = []
+        for path in self.files:
+            try:
+                info = os.stat(path)
+                stamp.append((info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _build(self):
+        ca_certificate = self._load_ca()
+        revoked_serials = self._check_crl(ca_certificate)
+        server_context = self._context(ssl.PROTOCOL_TLS_SERVER)
+        client_context = self._context(ssl.PROTOCOL_TLS_CLIENT)
+        # Peers are identified by the roles in their certificate, not by host
+        # names: event servers are reached by address and by SRV targets alike.
+        client_context.check_hostname = False
+        client_context.verify_mode = ssl.CERT_REQUIRED
+        server_context.verify_mode = ssl.CERT_REQUIRED
+        return server_context, client_context, revoked_serials
+
+    def _context(self, protocol):
+        context = ssl.SSLContext(protocol)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.certificate, self.private_key)
+        except (OSError, ssl.SSLError) as error:
+            raise TLSError(
+                f"cannot load certificate {self.certificate} with key {self.private_key}: {_reason(error)}"
+            ) from None
+        try:
+            context.load_verify_locations(cafile=self.ca)
+            context.load_verify_locations(cafile=self.crl)
+        except (OSError, ssl.SSLError) as error:
+            raise TLSError(f"cannot load CA {self.ca} or CRL {self.crl}: {_reason(error)}") from None
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        return context
+
+    def _load_ca(self):
+        try:
+            with open(self.ca, "rb") as stream:
+                return x509.load_pem_x509_certificate(stream.read())
+        except OSError as error:
+            raise TLSError(f"cannot read CA {self.ca}: {error.strerror}") from None
+        except ValueError:
+            raise TLSError(f"{self.ca} is not a PEM certificate") from None
+
+    def _check_crl(self, ca_certificate):
+        """Parse the CRL: its signature must be the CA's; returns the revoked serials."""
+        try:
+            with open(self.crl, "rb") as stream:
+                crl = x509.load_pem_x509_crl(stream.read())
+        except OSError as error:
+            raise TLSError(
+                f"cannot read CRL {self.crl}: {error.strerror} (a CRL is required, even an empty one)"
+            ) from None
+        except ValueError:
+            raise TLSError(f"{self.crl} is not a PEM CRL") from None
+        if not crl.is_signature_valid(ca_certificate.public_key()):
+            raise TLSError(f"CRL {self.crl} is not signed by the CA in {self.ca}")
+        next_update = crl_next_update(crl)
+        now = datetime.now(UTC)
+        if next_update is not None and next_update <= now:
+            log.error("CRL %s expired at %s: every peer will be refused; run 'thor-pki crl'", self.crl, next_update)
+        elif next_update is not None and next_update - now < CRL_EXPIRY_WARNING:
+            log.warning("CRL %s expires at %s; re-issue it with 'thor-pki crl'", self.crl, next_update)
+        return frozenset(revoked.serial_number for revoked in crl)
+
+
+def _reason(error):
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return error.verify_message
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return error.reason.lower().replace("_", " ")
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _handshake(sock, context, server_side, timeout, address):
+    """Wrap sock, complete the handshake within timeout and return (tls socket, PeerIdentity)."""
+    tls_socket = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+    tls_socket.settimeout(timeout)
+    try:
+        tls_socket.do_handshake()
+        certificate = tls_socket.getpeercert()
+        if not certificate:
+            raise TLSError("no certificate presented")
+        identity = PeerIdentity.from_peer_certificate(certificate, address)
+        if not identity.name:
+            raise TLSError("certificate has no common name")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tls_socket.close()
+        raise
+    tls_socket.settimeout(None)
+    return tls_socket, identity
+
+
+class TLSServer:
+    """A gevent TCP server that hands verified TLS connections to handler(socket, PeerIdentity).
+
+    The handler owns the socket; it is closed when the handler returns. At
+    most max_connections handlers (handshakes included) run at once; beyond
+    that new connections wait in the listen backlog.
+    """
+
+    def __init__(self, listener, contexts, handler, handshake_timeout=5.0, max_connections=10000, name="tls"):
+        self.contexts = contexts
+        self.handler = handler
+        self.handshake_timeout = handshake_timeout
+        self.log = logging.getLogger(f"thor.{name}")
+        self.connections = {}
+        self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
+        self._server.reuse_addr = 1
+        contexts.add_reload_callback(self._drop_revoked)
+
+    @property
+    def address(self):
+        return self._server.address
+
+    def start(self):
+        self._server.init_socket()
+        # Small frames go out at once instead of waiting for Nagle's timer.
+        self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.start()
+
+    def serve_forever(self):
+        if not self._server.started:
+            self.start()
+        self._server.serve_forever()
+
+    def stop(self, timeout=5):
+        self.contexts.remove_reload_callback(self._drop_revoked)
+        self._server.close()
+        for tls_socket in list(self.connections):
+            with contextlib.suppress(OSError):
+                tls_socket.close()
+        self._server.stop(timeout=timeout)
+
+    def _handle(self, sock, address):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            tls_socket, identity = _handshake(sock, self.contexts.server_context, True, self.handshake_timeout, address)
+        except TimeoutError:
+            self.log.warning("refused %s: no TLS handshake within %gs", format_address(address), self.handshake_timeout)
+            return
+        except (OSError, ssl.SSLError, TLSError) as error:
+            self.log.warning("refused %s: %s", format_address(address), _reason(error))
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.log.debug("accepted %s with roles %s", identity, ",".join(sorted(identity.roles)))
+        self.connections[tls_socket] = identity
+        try:
+            self.handler(tls_socket, identity)
+        except (OSError, ssl.SSLError) as error:
+            # The peer went away, or we cut it off (revocation, stop): the end
+            # of one connection, not a fault of the server.
+            self.log.debug("connection of %s ended: %s", identity, _reason(error))
+        finally:
+            self.connections.pop(tls_socket, None)
+            with contextlib.suppress(OSError):
+                tls_socket.close()
+
+    def _drop_revoked(self, contexts):
+        for tls_socket, identity in list(self.connections.items()):
+            if identity.serial in contexts.revoked_serials:
+                self.log.warning("closing %s: its certificate was revoked", identity)
+                with contextlib.suppress(OSError):
+                    tls_socket.shutdown(socket.SHUT_RDWR)
+
+
+def connect(address, contexts, timeout=5.0, expected_role=None):
+    """Connect to a Thor server at (host, port); return (tls socket, PeerIdentity).
+
+    expected_role: refuse a server whose certificate does not grant it (e.g.
+    thor_eventserver), so that a stolen node certificate cannot impersonate an
+    infrastructure server.
+    """
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as error:
+        raise TLSError(f"cannot connect to {format_address(address)}: {_reason(error)}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        tls_socket, identity = _handshake(sock, contexts.client_context, False, timeout, address)
+    except TimeoutError:
+        raise TLSError(f"{format_address(address)}: no TLS handshake within {timeout:g}s") from None
+    except (OSError, ssl.SSLError) as error:
+        raise TLSError(f"{format_address(address)}: TLS handshake failed: {_reason(error)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    if expected_role is not None and expected_role not in identity.roles:
+        with contextlib.suppress(OSError):
+            tls_socket.close()
+        raise TLSError(f"{identity} does not hold role {expected_role}")
+    return tls_socket, identity
+
+
+def load_certificate_identity(path):
+    """The node name and roles of a certificate file (for a daemon's own certificate)."""
+    try:
+        with open(path, "rb") as stream:
+            certificate = x509.load_pem_x509_certificate(stream.read())
+    except OSError as error:
+        raise TLSError(f"cannot read certificate {path}: {error.strerror}") from None
+    except ValueError:
+        raise TLSError(f"{path} is not a PEM certificate") from None
+    names = certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    try:
+        alt_names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = alt_names.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    name = names[0].value if names else None
+    return PeerIdentity(name, roles_from_uris(uris), certificate.serial_number, None)
