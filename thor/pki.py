@@ -210,20 +210,7 @@ class CertificateAuthority:
                 .not_valid_before(now - CLOCK_SKEW)
                 .not_valid_after(now + timedelta(days=days))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=False,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=True,
-                        crl_sign=True,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                .add_extension(_key_usage(certificate_authority=True), critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
                 .sign(key, hashes.SHA256())
             )
@@ -319,20 +306,7 @@ class CertificateAuthority:
                 .not_valid_before(start)
                 .not_valid_after(end)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=True,
-                        key_cert_sign=False,
-                        crl_sign=False,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
+                .add_extension(_key_usage(certificate_authority=False), critical=True)
                 .add_extension(
                     x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                     critical=False,
@@ -414,6 +388,21 @@ class CertificateAuthority:
                 builder = builder.add_revoked_certificate(revoked)
         crl = builder.sign(ca_key, hashes.SHA256())
         _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def _key_usage(certificate_authority):
+    """A CA signs certificates and CRLs; a node signs (ECDSA) and agrees keys (ECDHE)."""
+    return x509.KeyUsage(
+        digital_signature=not certificate_authority,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not certificate_authority,
+        key_cert_sign=certificate_authority,
+        crl_sign=certificate_authority,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _authority_key_identifier(ca_certificate):
