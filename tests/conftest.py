@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from thor.pki import CertificateAuthority
-from thor.tls import TLSContexts
+from thor.transport.tls import TLSContexts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -41,7 +41,10 @@ def test_values_are_parsed_with_their_types(tmp_path):
             "[ThorNetwork]\ndomain = a.example\nevent_servers = 10.0.0.1:99999\n",
             "[ThorNetwork] event_servers = '10.0.0.1:99999': expected a comma separated list of host[:port]",
         ),
-        ("[ThorNetwork]\ndomain = a.example\ndomian = b\n", "[ThorNetwork] domian: unknown key (known keys: domain"),
+        (
+            "[ThorNetwork]\ndomain = a.example\ndomian = b\n",
+            "[ThorNetwork] domian: unknown key (known keys: discovery_interval, domain, ",
+        ),
         ("[ThorNetwork]\ndomain = a.example\n[TLS]\nhandshake_timeout = soon\n", "[TLS] handshake_timeout = 'soon'"),
         ("[ThorNetwork]\ndomain = a.example\n[TLS]\nhandshake_timeout = 0\n", "a number from 0.1 to 300"),
         ("[ThorNetwork]\ndomain = a\ndomain = b\n", "option 'domain' in section 'ThorNetwork' already exists"),

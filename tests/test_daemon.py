@@ -2,58 +2,33 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
+import processes
 import pytest
 from conftest import REPO, wait_for
 from test_tls import ask, refused
 
 from thor.daemon import EX_CONFIG
-from thor.tls import connect
+from thor.transport.tls import connect
 
 ECHO = os.path.join(REPO, "tests", "programs", "tls_echo.py")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class Program(processes.Program):
+    """The echo daemon; it listens on a free port given with --listen."""
 
-
-class Program:
-    def __init__(self, tmp_path, config_text, *args):
-        self.config = tmp_path / "config.ini"
-        self.config.write_text(config_text)
-        self.log_path = tmp_path / "stderr.log"
-        self.port = free_port()
-        env = dict(os.environ, PYTHONPATH=REPO)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, ECHO, "--config", str(self.config), "--listen", f"127.0.0.1:{self.port}", *args],
-                stderr=log,
-                stdout=subprocess.DEVNULL,
-                env=env,
-            )
+    def __init__(self, tmp_path, text, *args):
+        self.port = processes.free_port()
+        super().__init__(str(tmp_path), "echo", [ECHO, "--listen", f"127.0.0.1:{self.port}", *args], text)
 
     @property
     def address(self):
         return ("127.0.0.1", self.port)
 
-    def log(self):
-        return self.log_path.read_text()
-
     def wait_log(self, text, timeout=5):
-        wait_for(lambda: text in self.log(), timeout=timeout, message=f"{text!r} in the log:\n{self.log()}")
-
-    def signal(self, signum):
-        self.process.send_signal(signum)
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
+        super().wait_log(text, timeout)
 
 
 def tls_section(files, crl_check_interval=300):

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from thor.cli.pki import main as pki_main
 from thor.pki import ROLE_URI_PREFIX, CertificateAuthority, PKIError
-from thor.tls import load_certificate_identity
+from thor.transport.tls import load_certificate_identity
 from thor.x509compat import crl_next_update, not_valid_after
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import wait_for
 from gevent import socket, ssl
 
-from thor.tls import TLSContexts, TLSError, TLSServer, connect
+from thor.transport.tls import TLSContexts, TLSError, TLSServer, connect
 
 
 def echo_identity(tls_socket, identity):

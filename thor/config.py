@@ -132,6 +132,15 @@ class ThorNetworkConfig(Section):
         "Event servers as host[:port], comma separated (port 8000 when omitted). "
         "Empty: discover them through the _eventserver._tcp SRV records of the domain.",
     )
+    nameservers = Setting(
+        EndpointList(53),
+        "",
+        "DNS servers for event server discovery, host[:port] (port 53 when omitted), "
+        "comma separated. Empty: those of /etc/resolv.conf.",
+    )
+    discovery_interval = Setting(
+        Float(1, 86400), "60", "Seconds between SRV lookups of the event servers (when discovered through DNS)."
+    )
 
 
 class TLSConfig(Section):

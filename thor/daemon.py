@@ -13,6 +13,7 @@ Entry points call gevent.monkey.patch_all() before importing this module.
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -21,9 +22,9 @@ from gevent.event import Event
 
 from thor import __version__
 from thor.config import DEFAULT_CONFIG_PATH, ConfigError, TLSConfig, load_config
-from thor.tls import TLSContexts, TLSError
+from thor.transport.tls import TLSContexts, TLSError
 
-__all__ = ["EX_CONFIG", "Daemon", "StartupError", "configure_logging", "run"]
+__all__ = ["EX_CONFIG", "Daemon", "StartupError", "configure_logging", "raise_file_limit", "run"]
 
 EX_CONFIG = 78
 
@@ -74,6 +75,15 @@ class Daemon:
     def reload(self):
         if self.tls is not None:
             self.tls.reload()
+
+
+def raise_file_limit(wanted):
+    """Raise the soft limit of open files toward wanted (never above the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        logging.getLogger("thor").info("open files limit raised from %d to %d", soft, target)
 
 
 def configure_logging(program, debug=False):

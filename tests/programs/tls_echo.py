@@ -7,11 +7,11 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import sys  # noqa: E402
+import sys
 
-from thor.daemon import Daemon, run  # noqa: E402
-from thor.datatypes import Endpoint  # noqa: E402
-from thor.tls import TLSServer  # noqa: E402
+from thor.daemon import Daemon, run
+from thor.datatypes import Endpoint
+from thor.transport.tls import TLSServer
 
 
 def echo_identity(tls_socket, identity):

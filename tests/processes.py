@@ -1,0 +1,89 @@
+"""Run Thor programs as real processes on loopback for multi-process tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from conftest import REPO, wait_for
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config_text(sections):
+    """INI text from {section: {key: value}}."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {value}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class Program:
+    """A program started with --config; its stderr goes to a file the test can read."""
+
+    def __init__(self, directory, name, command, sections):
+        """sections: {section: {key: value}}, or the configuration file's text."""
+        os.makedirs(directory, exist_ok=True)
+        self.name = name
+        self.config = os.path.join(directory, f"{name}.ini")
+        with open(self.config, "w") as stream:
+            stream.write(sections if isinstance(sections, str) else config_text(sections))
+        self.log_path = os.path.join(directory, f"{name}.log")
+        env = dict(os.environ, PYTHONPATH=REPO)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *command, "--config", self.config],
+                stderr=log,
+                stdout=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def log(self):
+        with open(self.log_path, errors="replace") as stream:
+            return stream.read()
+
+    def wait_log(self, text, timeout=10):
+        wait_for(lambda: text in self.log(), timeout=timeout, message=f"{text!r} in the log of {self.name}")
+
+    def signal(self, signum):
+        self.process.send_signal(signum)
+
+    def kill(self):
+        """kill -9: no clean up, the kernel closes its sockets."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout=10):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+                raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s") from None
+        return self.process.returncode
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def tls_values(files, **extra):
+    values = dict(files)
+    values.setdefault("handshake_timeout", 2)
+    values.update(extra)
+    return values

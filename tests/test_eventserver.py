@@ -1,0 +1,413 @@
+"""thor-eventserver as real processes on loopback, members as in-process EventClients or processes."""
+
+import json
+import os
+import struct
+import time
+
+import gevent
+import processes
+import pytest
+from conftest import REPO, wait_for
+from eventbus import Recorder, client, start_eventservers
+from gevent import socket
+
+from thor.events import protocol
+from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE
+from thor.transport.tls import TLSContexts, TLSError, connect
+
+APP = "App.Test"
+
+
+def settle(*clients):
+    """Each client's frames handled by every server it is connected to (ping/pong), in order."""
+    for event_client in clients:
+        assert event_client.sync(timeout=5)
+
+
+@pytest.fixture
+def cluster(tmp_path, pki):
+    started = []
+
+    def start(count=3, **settings):
+        servers = start_eventservers(str(tmp_path), pki, count, **settings)
+        started.extend(servers)
+        return servers
+
+    clients = []
+    yield start, clients
+    for event_client in clients:
+        event_client.stop(flush_timeout=0)
+    for server in started:
+        server.close()
+
+
+def test_publish_subscribe_across_three_servers(pki, cluster):
+    start, clients = cluster
+    servers = start(3)
+    publisher = client(pki, "node1", "sip_proxy", servers)
+    subscriber = client(pki, "node2", "sip_proxy", servers)
+    only_second = client(pki, "node3", "sip_proxy", servers[1:2])
+    clients.extend([publisher, subscriber, only_second])
+    everywhere, one_server = Recorder(), Recorder()
+    subscriber.subscribe(APP, everywhere)
+    only_second.subscribe(APP, one_server)
+    settle(subscriber, only_second)
+
+    for index in range(200):
+        assert publisher.publish(APP, {"n": index}) == 3
+    expected = [{"n": index} for index in range(200)]
+    wait_for(lambda: len(everywhere.messages) >= 200 and len(one_server.messages) >= 200, message="200 messages")
+    settle(publisher, subscriber, only_second)  # every copy through the other servers has arrived by now
+    assert everywhere.bodies() == expected  # once each, in publishing order
+    assert one_server.bodies() == expected
+    assert {m.publisher for m in everywhere.messages} == {"node1"}
+    assert {m.server for m in everywhere.messages} <= {"es1", "es2", "es3"}
+
+
+def test_kill_one_server_members_stay_connected_nothing_twice(pki, cluster):
+    start, clients = cluster
+    servers = start(3)
+    publisher = client(pki, "node1", "sip_proxy", servers)
+    subscriber = client(pki, "node2", "sip_proxy", servers)
+    clients.extend([publisher, subscriber])
+    received = Recorder()
+    subscriber.subscribe(APP, received)
+    settle(subscriber)
+    for index in range(50):
+        publisher.publish(APP, index)
+    wait_for(lambda: len(received.messages) >= 50, message="first 50")
+
+    servers[0].kill()
+    wait_for(lambda: publisher.connected_servers == ["es2", "es3"], timeout=5, message="publisher on es2, es3")
+    assert subscriber.connected_servers == ["es2", "es3"]
+    for index in range(50, 100):
+        assert publisher.publish(APP, index) == 2
+    wait_for(lambda: len(received.messages) >= 100, message="100 messages")
+    settle(publisher, subscriber)
+    assert received.bodies() == list(range(100))
+
+
+def test_departure_announced_within_a_second_of_kill_9(tmp_path, pki, cluster):
+    start, clients = cluster
+    servers = start(3)
+    observer = client(pki, "monitor1", "thor_monitor", servers)
+    clients.append(observer)
+    events = Recorder()
+    observer.subscribe(CONNECTIONS, events)
+    member = processes.Program(
+        str(tmp_path),
+        "member",
+        [os.path.join(REPO, "tests", "programs", "member.py"), "--roles", "sip_proxy"],
+        {
+            "ThorNetwork": {
+                "domain": "sipthor.test",
+                "event_servers": ", ".join(f"127.0.0.1:{server.port}" for server in servers),
+            },
+            "TLS": processes.tls_values(pki.issue("member1", "sip_proxy")),
+        },
+    )
+    try:
+
+        def member_events(kind):
+            return {
+                m.body["server"]
+                for m in events.messages
+                if m.body["event"] == kind and m.body["member"]["name"] == "member1"
+            }
+
+        wait_for(lambda: member_events("connected") == {"es1", "es2", "es3"}, timeout=10, message="member connected")
+        killed = time.monotonic()
+        member.kill()
+        wait_for(lambda: member_events("disconnected") == {"es1", "es2", "es3"}, timeout=3, message="departures")
+        elapsed = time.monotonic() - killed
+        assert elapsed < 1.0, f"departure announced after {elapsed:.3f}s"
+    finally:
+        member.close()
+
+
+def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
+    start, clients = cluster
+    servers = start(1)
+    member = client(pki, "node1", "sip_proxy,media_relay", servers)
+    clients.append(member)
+    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy"], "version": 1}, retain=True)
+    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy", "media_relay"], "version": 2}, retain=True)
+    settle(member)
+
+    late = client(pki, "manager1", "thor_manager", servers)
+    clients.append(late)
+    presence, connections = Recorder(), Recorder()
+    late.subscribe(PRESENCE, presence)
+    late.subscribe(CONNECTIONS, connections)
+    wait_for(lambda: presence.messages and connections.messages, message="retained presence and snapshot")
+    assert presence.bodies() == [{"name": "node1", "roles": ["sip_proxy", "media_relay"], "version": 2}]
+    snapshot = connections.bodies()[0]
+    assert snapshot["event"] == "snapshot"
+    assert sorted(m["name"] for m in snapshot["members"]) == ["manager1", "node1"]
+
+    # Retained messages live as long as their publisher's connection.
+    member.stop(flush_timeout=0)
+    wait_for(
+        lambda: any(b["event"] == "disconnected" and b["member"]["name"] == "node1" for b in connections.bodies()),
+        message="node1 gone",
+    )
+    third = client(pki, "monitor1", "thor_monitor", servers)
+    clients.append(third)
+    late_presence = Recorder()
+    third.subscribe(PRESENCE, late_presence)
+    third.subscribe(CONNECTIONS, Recorder())
+    settle(third)  # retained messages come before the answer to our ping
+    assert late_presence.messages == []
+
+
+def test_forbidden_publish_is_refused_and_other_traffic_continues(pki, cluster):
+    start, clients = cluster
+    servers = start(3)
+    member = client(pki, "node1", "sip_proxy", servers)
+    watcher = client(pki, "monitor1", "thor_monitor", servers)
+    clients.extend([member, watcher])
+    errors = []
+    member.on_error(lambda link, frame: errors.append((link.server_name, frame)))
+    seen = Recorder()
+    for topic in (MEMBERS, PRESENCE, APP):
+        watcher.subscribe(topic, seen)
+    settle(watcher)
+
+    member.publish(MEMBERS, {"version": 99})  # only thor_manager may
+    member.publish(PRESENCE, {"name": "node1", "roles": ["thor_manager"]})  # role not granted
+    member.publish(PRESENCE, {"name": "node2", "roles": ["sip_proxy"]})  # someone else's name
+    member.publish(CONNECTIONS, {"event": "connected"})  # only event servers
+    member.publish("Thor.Invented", {})  # reserved, no rule
+    wait_for(lambda: len(errors) == 15, message="15 forbidden errors (5 per server)")
+    assert {frame["code"] for _, frame in errors} == {"forbidden"}
+    assert {server for server, _ in errors} == {"es1", "es2", "es3"}
+    assert any("does not grant thor_manager" in frame["message"] for _, frame in errors)
+
+    # Still connected everywhere; its allowed traffic flows.
+    assert member.connected_servers == ["es1", "es2", "es3"]
+    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy"]})
+    member.publish(APP, "hello")
+    wait_for(lambda: len(seen.messages) == 2, message="allowed messages")
+    settle(member, watcher)
+    assert [(m.topic, m.body) for m in seen.messages] == [
+        (PRESENCE, {"name": "node1", "roles": ["sip_proxy"]}),
+        (APP, "hello"),
+    ]
+
+
+def test_revoked_and_foreign_certificates_are_refused(pki, other_pki, cluster):
+    start, _ = cluster
+    (server,) = start(1, **{})
+    good = pki.contexts("node1", "sip_proxy")
+    revoked = pki.contexts("node2", "sip_proxy")
+    pki.ca.revoke("node2")
+    # The server watches its CRL file (the default 5 s interval) and refuses node2 after it changed.
+    assert says_hello(server, good)
+    wait_for(lambda: not says_hello(server, revoked), timeout=10, message="node2 refused")
+    server.wait_log("refused 127.0.0.1:")
+    assert "certificate revoked" in server.log()
+    foreign = other_pki.contexts("intruder", "thor_manager")
+    with pytest.raises(TLSError):
+        connect(server.endpoint, foreign)
+    tls_socket, identity = connect(server.endpoint, good, expected_role="thor_eventserver")
+    assert identity.name == "es1"
+    tls_socket.close()
+
+
+def says_hello(server, contexts):
+    """True when the server completes the handshake and answers our hello."""
+    try:
+        tls_socket, _ = connect(server.endpoint, contexts, timeout=2)
+    except TLSError:
+        return False
+    try:
+        tls_socket.settimeout(2)
+        tls_socket.sendall(HELLO)
+        frames = read_frames(tls_socket)
+        return bool(frames) and frames[0]["type"] == "hello"
+    except OSError:
+        return False
+    finally:
+        tls_socket.close()
+
+
+def raw_member(pki, server, name="node1"):
+    tls_socket, _ = connect(server.endpoint, pki.contexts(name, "sip_proxy"))
+    tls_socket.settimeout(5)
+    return tls_socket
+
+
+def read_frames(tls_socket, count=1):
+    decoder_buffer, frames = b"", []
+    while len(frames) < count:
+        chunk = tls_socket.recv(65536)
+        if not chunk:
+            break
+        decoder_buffer += chunk
+        while len(decoder_buffer) >= 4:
+            (length,) = struct.unpack("!I", decoder_buffer[:4])
+            if len(decoder_buffer) < 4 + length:
+                break
+            frames.append(json.loads(decoder_buffer[4 : 4 + length]))
+            decoder_buffer = decoder_buffer[4 + length :]
+    return frames
+
+
+def closed(tls_socket):
+    try:
+        return tls_socket.recv(1) == b""
+    except OSError:
+        return True
+
+
+HELLO = protocol.encode({"type": "hello", "version": 1})
+
+
+@pytest.mark.parametrize(
+    ("before_hello", "data", "code"),
+    [
+        (True, struct.pack("!I", 1 << 30), "oversized"),
+        (False, struct.pack("!I", 1 << 30), "oversized"),
+        (False, struct.pack("!I", 5) + b"{oops", "malformed"),
+        (False, struct.pack("!I", 2) + b"[]", "malformed"),
+        (False, protocol.encode({"type": "teleport"}), "invalid"),
+        (False, protocol.encode({"type": "publish", "topic": "A", "session": "s", "seq": True, "body": 1}), "invalid"),
+        (True, protocol.encode({"type": "hello", "version": 2}), "unsupported-version"),
+        (True, protocol.encode({"type": "subscribe", "topics": ["A"]}), "unexpected"),
+        (
+            False,
+            protocol.encode({"type": "message", "topic": "A", "publisher": "x", "session": "s", "seq": 1, "body": 1}),
+            "unexpected",
+        ),
+    ],
+)
+def test_bad_frames_get_an_error_and_only_that_peer_is_disconnected(pki, cluster, before_hello, data, code):
+    start, clients = cluster
+    (server,) = start(1)
+    bystander = client(pki, "node2", "sip_proxy", [server])
+    clients.append(bystander)
+    received = Recorder()
+    bystander.subscribe(APP, received)
+
+    tls_socket = raw_member(pki, server)
+    if not before_hello:
+        tls_socket.sendall(HELLO)
+        assert read_frames(tls_socket)[0]["type"] == "hello"
+    tls_socket.sendall(data)
+    (error,) = [frame for frame in read_frames(tls_socket, 1) if frame["type"] == "error"]
+    assert error["code"] == code
+    assert closed(tls_socket)
+    tls_socket.close()
+
+    bystander.publish(APP, "still here")
+    wait_for(lambda: received.bodies() == ["still here"], message="bystander served")
+    assert bystander.connected_servers == ["es1"]
+
+
+def test_garbage_before_the_tls_handshake(pki, cluster):
+    start, clients = cluster
+    (server,) = start(1)
+    for garbage in (b"\x00" * 10, b"GET / HTTP/1.0\r\n\r\n", os.urandom(4096)):
+        sock = socket.create_connection(server.endpoint, timeout=5)
+        sock.sendall(garbage)
+        assert closed(sock)
+        sock.close()
+    member = client(pki, "node1", "sip_proxy", [server])
+    clients.append(member)
+    assert member.connected_servers == ["es1"]
+
+
+def test_silent_member_is_dropped_after_idle_timeout_and_announced(pki, cluster):
+    """A member whose link is cut sends nothing, not even a reset: the keepalive timeout finds it."""
+    start, clients = cluster
+    (server,) = start(1, keepalive=0.3, idle_timeout=1)
+    observer = client(pki, "monitor1", "thor_monitor", [server])
+    clients.append(observer)
+    events = Recorder()
+    observer.subscribe(CONNECTIONS, events)
+    tls_socket = raw_member(pki, server)
+    tls_socket.sendall(HELLO)
+    hello = read_frames(tls_socket)[0]
+    assert hello["keepalive"] == 0.3
+    started = time.monotonic()
+    wait_for(
+        lambda: any(b["event"] == "disconnected" and b["member"]["name"] == "node1" for b in events.bodies()),
+        timeout=3,
+        message="silent member dropped",
+    )
+    assert 0.9 < time.monotonic() - started < 2
+    error = [frame for frame in read_frames(tls_socket, 2) if frame["type"] == "error"]
+    assert error and error[0]["code"] == "idle"
+    tls_socket.close()
+    # A member that keeps its keepalives is not dropped: the observer is still there.
+    assert observer.connected_servers == ["es1"]
+
+
+def test_slow_subscriber_is_disconnected_and_the_server_stays_bounded(pki, cluster):
+    start, clients = cluster
+    (server,) = start(1, send_queue_limit=262144)
+    publisher = client(pki, "node1", "sip_proxy", [server])
+    fast = client(pki, "node3", "sip_proxy", [server])
+    clients.extend([publisher, fast])
+    fast_received = Recorder()
+    fast.subscribe(APP, fast_received)
+    # The slow member subscribes and then never reads.
+    slow = raw_member(pki, server, "node2")
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(HELLO + protocol.encode({"type": "subscribe", "topics": [APP]}) + protocol.encode({"type": "ping"}))
+    assert [frame["type"] for frame in read_frames(slow, 2)] == ["hello", "pong"]
+    settle(fast)
+    blob = "x" * 16000
+    for index in range(400):  # 6.4 MB, far beyond the slow member's socket buffers and the 256 KiB queue
+        publisher.publish(APP, {"n": index, "blob": blob})
+        if index % 10 == 0:
+            gevent.sleep(0.01)
+    server.wait_log("disconnecting node2 (127.0.0.1:", timeout=10)
+    assert "does not keep up" in server.log()
+    wait_for(lambda: len(fast_received.messages) == 400, timeout=20, message="fast subscriber got everything")
+    assert publisher.connected_servers == ["es1"]
+    assert "disconnecting node3" not in server.log()  # the member that reads was never cut off
+    slow.close()
+
+
+def test_subscription_and_retained_limits(pki, cluster):
+    start, clients = cluster
+    (server,) = start(1, max_subscriptions=3, max_retained=1)
+    member = client(pki, "node1", "sip_proxy", [server])
+    clients.append(member)
+    errors = []
+    member.on_error(lambda link, frame: errors.append(frame))
+    for index in range(5):
+        member.subscribe(f"App.T{index}", Recorder())
+    member.publish("App.R1", 1, retain=True)
+    member.publish("App.R2", 2, retain=True)
+    wait_for(lambda: len(errors) == 3, message="3 limit errors")
+    assert [frame["code"] for frame in errors] == ["limit"] * 3
+    assert member.connected_servers == ["es1"]
+
+
+def test_event_server_needs_its_role(tmp_path, pki):
+    files = pki.issue("node1", "sip_proxy")
+    program = processes.Program(
+        str(tmp_path),
+        "wrong",
+        ["-m", "thor.eventserver.main"],
+        {"TLS": processes.tls_values(files), "EventServer": {"listen": f"127.0.0.1:{processes.free_port()}"}},
+    )
+    assert program.process.wait(20) == 78
+    assert "does not grant thor_eventserver" in program.log()
+
+
+def test_clean_stop(pki, cluster):
+    start, clients = cluster
+    (server,) = start(1)
+    member = client(pki, "node1", "sip_proxy", [server])
+    clients.append(member)
+    assert server.stop() == 0
+    wait_for(lambda: member.connected_servers == [], message="member sees the server go")
+    assert server.log().rstrip().endswith("thor-eventserver stopped")
+
+
+def test_contexts_for_test_use_are_fresh(pki):
+    assert isinstance(pki.contexts("x", "sip_proxy"), TLSContexts)

@@ -1,0 +1,1 @@
+"""Events: the publish/subscribe protocol, its authorization rules and the member client."""

@@ -1,0 +1,474 @@
+"""The member's side of the event bus.
+
+EventClient keeps one link to every event server (a static list, or the
+_eventserver._tcp SRV records of the network's domain, looked up again every
+discovery_interval), reconnects each with exponential backoff and jitter,
+re-subscribes and re-sends its retained publications after every reconnect,
+publishes to every connected server, and hands each message to the
+application once although it arrives through several servers.
+
+Handlers run in the greenlet of the link that delivered the message, one
+message at a time per link; a handler that raises is logged and the link goes
+on.
+"""
+
+import collections
+import itertools
+import logging
+import os
+import random
+import time
+
+import dns.rdatatype
+import dns.resolver
+import gevent
+from gevent.event import Event
+
+from thor.events import protocol
+from thor.events.protocol import PROTOCOL_VERSION, ProtocolError
+from thor.transport.framing import FrameDecoder, FrameError
+from thor.transport.tls import TLSError, connect, format_address
+from thor.transport.writer import QueuedWriter
+
+__all__ = ["Deduplicator", "EventClient", "Message", "discover_event_servers"]
+
+log = logging.getLogger("thor.events")
+
+EVENTSERVER_ROLE = "thor_eventserver"
+EVENTSERVER_SRV = "_eventserver._tcp"
+PING = protocol.encode({"type": "ping"})
+
+
+class Message:
+    __slots__ = ("body", "publisher", "seq", "server", "session", "topic")
+
+    def __init__(self, topic, publisher, session, seq, body, server):
+        self.topic = topic
+        self.publisher = publisher
+        self.session = session
+        self.seq = seq
+        self.body = body
+        self.server = server
+
+    def __repr__(self):
+        return f"Message({self.topic!r} from {self.publisher!r} #{self.seq} via {self.server!r})"
+
+
+class Deduplicator:
+    """Remembers which (publisher, session, topic, seq) were delivered, in bounded memory.
+
+    Per stream (publisher, session, topic) it keeps a watermark below which
+    every sequence number counts as delivered, and the delivered numbers above
+    it. A stream's first message sets the watermark just below itself. Gaps
+    (a number no server delivered) are given up once more than max_pending
+    numbers wait above them.
+    """
+
+    def __init__(self, max_streams=65536, max_pending=1024):
+        self.max_streams = max_streams
+        self.max_pending = max_pending
+        self._streams = collections.OrderedDict()
+
+    def first_time(self, publisher, session, topic, seq):
+        key = (publisher, session, topic)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = [seq - 1, set()]
+            if len(self._streams) > self.max_streams:
+                self._streams.popitem(last=False)
+        else:
+            self._streams.move_to_end(key)
+        watermark, above = stream
+        if seq <= watermark or seq in above:
+            return False
+        if seq == watermark + 1:
+            watermark = seq
+            while watermark + 1 in above:
+                watermark += 1
+                above.discard(watermark)
+        else:
+            above.add(seq)
+            while len(above) > self.max_pending:
+                watermark = min(above)
+                above.discard(watermark)
+                while watermark + 1 in above:
+                    watermark += 1
+                    above.discard(watermark)
+        stream[0] = watermark
+        return True
+
+
+class ServerLink:
+    """One event server: connect, hello, subscribe, read; reconnect until stopped."""
+
+    def __init__(self, client, endpoint):
+        self.client = client
+        self.endpoint = endpoint
+        self.server_name = None
+        self.connected = False
+        self.keepalive = None
+        self.pings_sent = 0
+        self.pongs_received = 0
+        self._pong = Event()
+        self._writer = None
+        self._stopped = False
+        self._greenlet = gevent.spawn(self._run)
+
+    def __str__(self):
+        name = self.server_name or "event server"
+        return f"{name} ({format_address(self.endpoint)})"
+
+    def stop(self, flush_timeout=0):
+        """Stop; what is queued (a leave, say) gets flush_timeout seconds to go out."""
+        self._stopped = True
+        if self._writer is not None:
+            self._writer.close(flush_timeout)
+        self._greenlet.kill(block=False)
+
+    def send(self, frame):
+        return self.connected and self._writer is not None and self._writer.send(frame)
+
+    def ping(self):
+        """Send a ping; returns its number, or None when the link is down."""
+        if not self.send(PING):
+            return None
+        self.pings_sent += 1
+        return self.pings_sent
+
+    def wait_pong(self, number, timeout):
+        """Wait until the server answered ping number: it has handled every frame sent before it."""
+        with gevent.Timeout(timeout, False):
+            while self.pongs_received < number and self.connected:
+                self._pong.clear()
+                self._pong.wait()
+        return self.pongs_received >= number
+
+    def _run(self):
+        delay = self.client.backoff_min
+        while not self._stopped:
+            try:
+                self._session()
+                delay = self.client.backoff_min  # it was up: start the backoff anew
+            except (OSError, TLSError, ProtocolError, FrameError) as error:
+                level = logging.DEBUG if delay > self.client.backoff_min else logging.WARNING
+                log.log(level, "%s: %s", self, error)
+            except Exception:
+                log.exception("%s: unexpected error; reconnecting", self)
+            finally:
+                self._disconnected()
+            if self._stopped:
+                return
+            # Jitter spreads the reconnects of hundreds of members after an event server restarts.
+            gevent.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.client.backoff_max)
+
+    def _session(self):
+        tls_socket, identity = connect(
+            self.endpoint, self.client.contexts, timeout=self.client.connect_timeout, expected_role=EVENTSERVER_ROLE
+        )
+        self.server_name = identity.name
+        self._writer = QueuedWriter(tls_socket, self.client.send_queue_limit)
+        decoder = FrameDecoder(protocol.MAX_SERVER_FRAME_SIZE)
+        self._writer.send(protocol.encode({"type": "hello", "version": PROTOCOL_VERSION}))
+        tls_socket.settimeout(self.client.connect_timeout)
+        hello = self._read_hello(tls_socket, decoder)
+        self.keepalive = float(hello.get("keepalive", 1.0))
+        tls_socket.settimeout(self.keepalive * 3)
+        self.connected = True
+        topics = sorted(self.client.handlers)
+        for start in range(0, len(topics), protocol.MAX_TOPICS_PER_FRAME):
+            chunk = topics[start : start + protocol.MAX_TOPICS_PER_FRAME]
+            self._writer.send(protocol.encode({"type": "subscribe", "topics": chunk}))
+        for frame in self.client.retained.values():
+            self._writer.send(frame)
+        log.info("connected to %s", self)
+        self.client._link_up(self)
+        pinger = gevent.spawn(self._ping_loop)
+        try:
+            self._read_loop(tls_socket, decoder)
+        finally:
+            pinger.kill(block=False)
+
+    def _read_hello(self, tls_socket, decoder):
+        while True:
+            data = tls_socket.recv(65536)
+            if not data:
+                raise ConnectionError("closed before hello")
+            for payload in decoder.feed(data):
+                message = protocol.decode(payload)
+                if message["type"] == "hello":
+                    return message
+                if message["type"] == "error":
+                    raise ProtocolError(message["code"], f"refused: {message['message']}")
+                raise ProtocolError(protocol.UNEXPECTED, f"expected hello, got {message['type']}")
+
+    def _ping_loop(self):
+        while self.connected:
+            gevent.sleep(self.keepalive)
+            self.ping()
+
+    def _read_loop(self, tls_socket, decoder):
+        while not self._stopped:
+            try:
+                data = tls_socket.recv(65536)
+            except TimeoutError:
+                raise ConnectionError(f"nothing received for {self.keepalive * 3:g}s") from None
+            if not data:
+                raise ConnectionError("connection closed by the server")
+            for payload in decoder.feed(data):
+                message = protocol.decode(payload)
+                kind = message["type"]
+                if kind == "message":
+                    self.client._deliver(message, self.server_name)
+                elif kind == "pong":
+                    self.pongs_received += 1
+                    self._pong.set()
+                elif kind == "error":
+                    self.client._server_error(self, message)
+                    if message["code"] in protocol.FATAL_ERRORS:
+                        raise ProtocolError(message["code"], f"disconnected: {message['message']}")
+
+    def _disconnected(self):
+        was_connected = self.connected
+        self.connected = False
+        self._pong.set()
+        self.pings_sent = self.pongs_received = 0
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if was_connected:
+            log.info("disconnected from %s", self)
+            self.client._link_down(self)
+
+
+class EventClient:
+    """A member's connections to the event servers. See the module documentation."""
+
+    def __init__(
+        self,
+        contexts,
+        servers=(),
+        domain=None,
+        nameservers=(),
+        discovery_interval=60.0,
+        connect_timeout=5.0,
+        backoff=(0.5, 30.0),
+        send_queue_limit=4 << 20,
+    ):
+        if not servers and not domain:
+            raise ValueError("event servers need a static list or a domain to discover them in")
+        self.contexts = contexts
+        self.static_servers = tuple(servers)
+        self.domain = domain
+        self.nameservers = tuple(nameservers)
+        self.discovery_interval = discovery_interval
+        self.connect_timeout = connect_timeout
+        self.backoff_min, self.backoff_max = backoff
+        self.send_queue_limit = send_queue_limit
+        self.handlers = collections.defaultdict(list)
+        self.retained = {}
+        self.links = {}
+        self.session = os.urandom(8).hex()
+        self._sequences = collections.defaultdict(lambda: itertools.count(1))
+        self._dedup = Deduplicator()
+        self._connect_callbacks = []
+        self._disconnect_callbacks = []
+        self._error_callbacks = []
+        self._changed = Event()
+        self._discovery = None
+
+    @classmethod
+    def from_config(cls, network, contexts, connect_timeout=5.0):
+        """A client for [ThorNetwork]: its static event servers, or SRV discovery under its domain."""
+        return cls(
+            contexts,
+            servers=network.event_servers,
+            domain=network.domain,
+            nameservers=network.nameservers,
+            discovery_interval=network.discovery_interval,
+            connect_timeout=connect_timeout,
+        )
+
+    # -- application API ------------------------------------------------------
+
+    def subscribe(self, topic, handler):
+        """handler(Message) for every message on topic, once each."""
+        if not protocol.is_topic(topic):
+            raise ValueError(f"invalid topic {topic!r}")
+        new = topic not in self.handlers
+        self.handlers[topic].append(handler)
+        if new:
+            self._broadcast(protocol.encode({"type": "subscribe", "topics": [topic]}))
+
+    def unsubscribe(self, topic, handler):
+        handlers = self.handlers.get(topic, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers and topic in self.handlers:
+            del self.handlers[topic]
+            self._broadcast(protocol.encode({"type": "unsubscribe", "topics": [topic]}))
+
+    def publish(self, topic, body, retain=False):
+        """Send body on topic to every connected server; returns how many it was queued for.
+
+        retain=True: the servers hand it to later subscribers while this
+        member is connected, and it is sent again to every server this client
+        (re)connects to.
+        """
+        if not protocol.is_topic(topic):
+            raise ValueError(f"invalid topic {topic!r}")
+        frame = protocol.encode(
+            {
+                "type": "publish",
+                "topic": topic,
+                "session": self.session,
+                "seq": next(self._sequences[topic]),
+                "retain": retain,
+                "body": body,
+            }
+        )
+        if retain:
+            self.retained[topic] = frame
+        return self._broadcast(frame)
+
+    def on_connect(self, callback):
+        """callback(link) after a server link is up (hello done, subscriptions and retained sent)."""
+        self._connect_callbacks.append(callback)
+
+    def on_disconnect(self, callback):
+        self._disconnect_callbacks.append(callback)
+
+    def on_error(self, callback):
+        """callback(link, error frame dict) for errors a server reports (a forbidden publish, say)."""
+        self._error_callbacks.append(callback)
+
+    @property
+    def connected_servers(self):
+        return sorted(link.server_name for link in self.links.values() if link.connected)
+
+    def wait_connected(self, count=1, timeout=None):
+        """Wait until at least count servers are connected; returns whether they are."""
+        with gevent.Timeout(timeout, False):
+            while len(self.connected_servers) < count:
+                self._changed.clear()
+                self._changed.wait()
+        return len(self.connected_servers) >= count
+
+    def sync(self, timeout=5.0):
+        """Wait until every connected server has handled all this client sent so far.
+
+        Useful after subscribe(): once sync() returns True, messages published
+        from then on reach this client through every connected server.
+        """
+        pending = [(link, link.ping()) for link in self.links.values() if link.connected]
+        deadline = time.monotonic() + timeout
+        return all(
+            number is not None and link.wait_pong(number, max(0.0, deadline - time.monotonic()))
+            for link, number in pending
+        )
+
+    def start(self):
+        if self.static_servers:
+            self._set_endpoints(self.static_servers)
+        else:
+            self._discovery = gevent.spawn(self._discover_loop)
+
+    def stop(self, flush_timeout=1.0):
+        """Close every link, giving what is queued flush_timeout seconds to go out."""
+        if self._discovery is not None:
+            self._discovery.kill(block=False)
+        gevent.joinall([gevent.spawn(link.stop, flush_timeout) for link in self.links.values()])
+        self.links.clear()
+
+    # -- internals --------------------------------------------------------------
+
+    def _broadcast(self, frame):
+        return sum(1 for link in self.links.values() if link.send(frame))
+
+    def _set_endpoints(self, endpoints):
+        wanted = set(endpoints)
+        for endpoint in set(self.links) - wanted:
+            log.info("event server %s is no longer listed", format_address(endpoint))
+            self.links.pop(endpoint).stop()
+        for endpoint in sorted(wanted - set(self.links)):
+            self.links[endpoint] = ServerLink(self, endpoint)
+
+    def _discover_loop(self):
+        while True:
+            try:
+                endpoints = discover_event_servers(self.domain, self.nameservers, self.connect_timeout)
+            except Exception as error:
+                log.warning("event server discovery under %s failed: %s", self.domain, error)
+                endpoints = None
+            if endpoints:
+                self._set_endpoints(endpoints)
+            elif endpoints is not None:
+                log.warning("no %s.%s SRV records: no event server to connect to", EVENTSERVER_SRV, self.domain)
+            gevent.sleep(self.discovery_interval if endpoints else min(self.discovery_interval, 5.0))
+
+    def _deliver(self, message, server):
+        topic = message["topic"]
+        if not self._dedup.first_time(message["publisher"], message["session"], topic, message["seq"]):
+            return
+        handlers = self.handlers.get(topic)
+        if not handlers:
+            return
+        delivered = Message(topic, message["publisher"], message["session"], message["seq"], message["body"], server)
+        for handler in tuple(handlers):
+            try:
+                handler(delivered)
+            except Exception:
+                log.exception("handler for %s failed on %r", topic, delivered)
+
+    def _server_error(self, link, message):
+        log.warning("%s reports %s: %s", link, message["code"], message["message"])
+        for callback in tuple(self._error_callbacks):
+            _call(callback, link, message)
+
+    def _link_up(self, link):
+        self._changed.set()
+        for callback in tuple(self._connect_callbacks):
+            _call(callback, link)
+
+    def _link_down(self, link):
+        self._changed.set()
+        for callback in tuple(self._disconnect_callbacks):
+            _call(callback, link)
+
+
+def _call(callback, *args):
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("event client callback %r failed", callback)
+
+
+def discover_event_servers(domain, nameservers=(), timeout=5.0):
+    """The (address, port) of every event server in the _eventserver._tcp SRV records of domain.
+
+    dnspython blocks; the lookup runs in gevent's thread pool so that the
+    other greenlets go on meanwhile, monkey-patched or not.
+    """
+    return gevent.get_hub().threadpool.apply(_lookup_event_servers, (domain, nameservers, timeout))
+
+
+def _lookup_event_servers(domain, nameservers, timeout):
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [host for host, _ in nameservers]
+        resolver.port = nameservers[0][1]
+    resolver.lifetime = timeout
+    try:
+        answer = resolver.resolve(f"{EVENTSERVER_SRV}.{domain}", "SRV")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    endpoints = []
+    for record in sorted(answer, key=lambda r: (r.priority, -r.weight)):
+        target = record.target.to_text()
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                addresses = resolver.resolve(target, rdtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            endpoints.extend((address.to_text(), record.port) for address in addresses)
+    return endpoints

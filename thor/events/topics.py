@@ -1,0 +1,78 @@
+"""Topics of the event bus and who may publish on them.
+
+Names known from AG Projects' public consumers of the original thor library
+are kept: Thor.Presence, Thor.Leave, Thor.Members, Thor.Statistics. Topics
+under "Thor." are reserved: each has a rule below, and an unknown Thor.*
+topic is refused. Other topics are free for applications to use between
+authenticated members.
+"""
+
+__all__ = [
+    "CONNECTIONS",
+    "LEAVE",
+    "MEMBERS",
+    "PRESENCE",
+    "STATISTICS",
+    "ForbiddenError",
+    "authorize_publish",
+]
+
+PRESENCE = "Thor.Presence"
+LEAVE = "Thor.Leave"
+MEMBERS = "Thor.Members"
+STATISTICS = "Thor.Statistics"
+# Published by each event server about the members connected to it.
+CONNECTIONS = "Thor.Connections"
+
+RESERVED_PREFIX = "Thor."
+
+
+class ForbiddenError(Exception):
+    """The publisher may not publish this; str() says why."""
+
+
+def _own_entity(identity, body):
+    """Presence: a member speaks for itself, with roles its certificate grants."""
+    if not isinstance(body, dict) or body.get("name") != identity.name:
+        raise ForbiddenError(f"presence must carry the publisher's own name {identity.name!r}")
+    roles = body.get("roles")
+    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+        raise ForbiddenError("presence roles must be a list of role names")
+    extra = set(roles) - identity.roles
+    if extra:
+        raise ForbiddenError(f"certificate of {identity.name} does not grant {', '.join(sorted(extra))}")
+
+
+def _own_name(identity, body):
+    if not isinstance(body, dict) or body.get("name") != identity.name:
+        raise ForbiddenError(f"leave must carry the publisher's own name {identity.name!r}")
+
+
+def _role(role):
+    def rule(identity, body):
+        if role not in identity.roles:
+            raise ForbiddenError(f"only {role} certificates may publish this")
+
+    return rule
+
+
+def _nobody(identity, body):
+    raise ForbiddenError("only event servers publish this")
+
+
+RULES = {
+    PRESENCE: _own_entity,
+    LEAVE: _own_name,
+    MEMBERS: _role("thor_manager"),
+    STATISTICS: _role("media_relay"),
+    CONNECTIONS: _nobody,
+}
+
+
+def authorize_publish(identity, topic, body):
+    """Raise ForbiddenError unless identity may publish body on topic."""
+    rule = RULES.get(topic)
+    if rule is not None:
+        rule(identity, body)
+    elif topic.startswith(RESERVED_PREFIX):
+        raise ForbiddenError(f"{topic} is a reserved topic with no publisher")

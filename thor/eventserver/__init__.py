@@ -1,0 +1,1 @@
+"""thor-eventserver: the TLS publish/subscribe bus of the overlay."""

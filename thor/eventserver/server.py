@@ -1,0 +1,306 @@
+"""The event bus: members subscribe to topics and publish messages over mutual TLS.
+
+Each published message is encoded once and queued to every current
+subscriber of its topic; one reader greenlet per connection handles that
+connection's frames in order, so messages of one publisher reach each
+subscriber in the order they were published. Every connection has a bounded
+send queue: a subscriber that cannot keep up is disconnected, the server never
+buffers without bound.
+
+The server announces on Thor.Connections every member that connects or goes
+away (crash, cut link, clean close), and answers a subscription to that topic
+with a snapshot of who is connected now. Retained publications (a member's
+presence, the manager's network status) are kept while their publisher is
+connected and handed to each new subscriber of the topic.
+"""
+
+import collections
+import itertools
+import logging
+import os
+import time
+
+import gevent
+
+from thor.events import protocol, topics
+from thor.events.protocol import PROTOCOL_VERSION, ProtocolError
+from thor.transport.framing import FrameDecoder, FrameError
+from thor.transport.tls import TLSServer, format_address
+from thor.transport.writer import QueuedWriter
+
+__all__ = ["EventServer", "Limits"]
+
+log = logging.getLogger("thor.eventserver")
+
+
+class Limits:
+    """Bounds on what one member may make the server hold or wait for."""
+
+    def __init__(
+        self,
+        keepalive=1.0,
+        idle_timeout=3.0,
+        handshake_timeout=5.0,
+        max_frame_size=1 << 20,
+        send_queue_limit=4 << 20,
+        max_connections=10000,
+        max_subscriptions=256,
+        max_retained=16,
+    ):
+        self.keepalive = keepalive
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_frame_size = max_frame_size
+        self.send_queue_limit = send_queue_limit
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions
+        self.max_retained = max_retained
+
+
+class Connection:
+    """One member's TLS connection: its subscriptions, retained messages and send queue."""
+
+    def __init__(self, server, connection_id, tls_socket, identity):
+        self.id = connection_id
+        self.socket = tls_socket
+        self.identity = identity
+        self.subscriptions = set()
+        self.retained = {}
+        self.registered = False
+        self.writer = QueuedWriter(tls_socket, server.limits.send_queue_limit, on_overflow=self._overflow)
+
+    def __str__(self):
+        return str(self.identity)
+
+    @property
+    def closed(self):
+        return self.writer.closed
+
+    def describe(self):
+        host, port = self.identity.address[:2]
+        return {
+            "connection": self.id,
+            "name": self.identity.name,
+            "roles": sorted(self.identity.roles),
+            "address": host,
+            "port": port,
+        }
+
+    def send(self, frame):
+        self.writer.send(frame)
+
+    def _overflow(self):
+        log.warning("disconnecting %s: send queue over %d bytes, it does not keep up", self, self.writer.limit)
+
+
+class EventServer:
+    def __init__(self, name, contexts, listen, limits=None):
+        self.name = name
+        self.limits = limits or Limits()
+        self.topics = collections.defaultdict(set)
+        self.connections = {}
+        self.session = os.urandom(8).hex()
+        self._sequence = itertools.count(1)
+        self._connection_ids = itertools.count(1)
+        self._tls_server = TLSServer(
+            listen,
+            contexts,
+            self._serve,
+            handshake_timeout=self.limits.handshake_timeout,
+            max_connections=self.limits.max_connections,
+            name="eventserver",
+        )
+
+    @property
+    def address(self):
+        return self._tls_server.address
+
+    def start(self):
+        self._tls_server.start()
+        log.info("event server %s listening on %s", self.name, format_address(self.address))
+
+    def stop(self, timeout=5):
+        self._tls_server.stop(timeout=timeout)
+
+    # -- one connection -------------------------------------------------------
+
+    def _serve(self, tls_socket, identity):
+        connection = Connection(self, next(self._connection_ids), tls_socket, identity)
+        decoder = FrameDecoder(self.limits.max_frame_size)
+        try:
+            tls_socket.settimeout(self.limits.handshake_timeout)
+            self._read_loop(connection, decoder)
+        except ProtocolError as error:
+            log.warning("disconnecting %s: %s (%s)", connection, error.message, error.code)
+            connection.send(error.frame())
+        except OSError as error:  # ssl.SSLError included
+            log.debug("connection of %s ended: %s", connection, error)
+        finally:
+            self._unregister(connection)
+            # Whatever is queued (the error frame) gets a moment to go out.
+            connection.writer.close(flush_timeout=1.0)
+
+    def _read_loop(self, connection, decoder):
+        tls_socket = connection.socket
+        while not connection.closed:
+            try:
+                data = tls_socket.recv(65536)
+            except TimeoutError:
+                if not connection.registered:
+                    raise ProtocolError(protocol.UNEXPECTED, "no hello in time") from None
+                raise ProtocolError(
+                    protocol.IDLE, f"nothing received for {self.limits.idle_timeout:g}s (keepalive missed)"
+                ) from None
+            if not data:
+                return
+            try:
+                payloads = decoder.feed(data)
+            except FrameError as error:
+                raise ProtocolError(protocol.OVERSIZED, str(error)) from None
+            for payload in payloads:
+                self._dispatch(connection, protocol.decode(payload))
+            # recv() on a busy socket returns without yielding: let the writers
+            # and the other members run, so that no publisher starves them.
+            gevent.sleep(0)
+
+    def _dispatch(self, connection, message):
+        kind = message["type"]
+        if not connection.registered:
+            if kind != "hello":
+                raise ProtocolError(protocol.UNEXPECTED, f"expected hello, got {kind}")
+            if message["version"] != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    protocol.UNSUPPORTED_VERSION,
+                    f"protocol version {message['version']} is not supported (this server speaks {PROTOCOL_VERSION})",
+                    supported=[PROTOCOL_VERSION],
+                )
+            connection.send(
+                protocol.encode(
+                    {
+                        "type": "hello",
+                        "version": PROTOCOL_VERSION,
+                        "server": self.name,
+                        "keepalive": self.limits.keepalive,
+                        "max_frame_size": self.limits.max_frame_size,
+                    }
+                )
+            )
+            connection.socket.settimeout(self.limits.idle_timeout)
+            self._register(connection)
+        elif kind == "publish":
+            self._publish(connection, message)
+        elif kind == "subscribe":
+            self._subscribe(connection, message["topics"])
+        elif kind == "unsubscribe":
+            for topic in message["topics"]:
+                self._drop_subscription(connection, topic)
+        elif kind == "ping":
+            connection.send(protocol.encode({"type": "pong"}))
+        elif kind == "pong":
+            pass
+        else:
+            raise ProtocolError(protocol.UNEXPECTED, f"a member does not send {kind} frames")
+
+    def _publish(self, connection, message):
+        topic = message["topic"]
+        try:
+            topics.authorize_publish(connection.identity, topic, message["body"])
+        except topics.ForbiddenError as reason:
+            log.warning("refused publish of %s on %s: %s", connection, topic, reason)
+            connection.send(ProtocolError(protocol.FORBIDDEN, str(reason), topic=topic, seq=message["seq"]).frame())
+            return
+        frame = protocol.encode(
+            {
+                "type": "message",
+                "topic": topic,
+                "publisher": connection.identity.name,
+                "session": message["session"],
+                "seq": message["seq"],
+                "body": message["body"],
+            },
+            self.limits.max_frame_size + 1024,
+        )
+        if message.get("retain"):
+            if topic not in connection.retained and len(connection.retained) >= self.limits.max_retained:
+                connection.send(
+                    ProtocolError(
+                        protocol.LIMIT,
+                        f"at most {self.limits.max_retained} retained topics per connection",
+                        topic=topic,
+                        seq=message["seq"],
+                    ).frame()
+                )
+            else:
+                connection.retained[topic] = frame
+        self._deliver(topic, frame)
+
+    def _deliver(self, topic, frame):
+        subscribers = self.topics.get(topic)
+        if subscribers:
+            for subscriber in tuple(subscribers):
+                subscriber.send(frame)
+
+    def _subscribe(self, connection, names):
+        for topic in names:
+            if topic in connection.subscriptions:
+                continue
+            if len(connection.subscriptions) >= self.limits.max_subscriptions:
+                connection.send(
+                    ProtocolError(
+                        protocol.LIMIT, f"at most {self.limits.max_subscriptions} subscriptions", topic=topic
+                    ).frame()
+                )
+                return
+            connection.subscriptions.add(topic)
+            self.topics[topic].add(connection)
+            if topic == topics.CONNECTIONS:
+                members = [other.describe() for other in self.connections.values()]
+                connection.send(self._event_frame({"event": "snapshot", "server": self.name, "members": members}))
+            for other in tuple(self.connections.values()):
+                frame = other.retained.get(topic)
+                if frame is not None:
+                    connection.send(frame)
+
+    def _drop_subscription(self, connection, topic):
+        connection.subscriptions.discard(topic)
+        subscribers = self.topics.get(topic)
+        if subscribers is not None:
+            subscribers.discard(connection)
+            if not subscribers:
+                del self.topics[topic]
+
+    def _register(self, connection):
+        connection.registered = True
+        self.connections[connection.id] = connection
+        log.info("%s connected with roles %s", connection, ",".join(sorted(connection.identity.roles)))
+        self._deliver(
+            topics.CONNECTIONS,
+            self._event_frame({"event": "connected", "server": self.name, "member": connection.describe()}),
+        )
+
+    def _unregister(self, connection):
+        for topic in tuple(connection.subscriptions):
+            self._drop_subscription(connection, topic)
+        if self.connections.pop(connection.id, None) is None:
+            return
+        connection.retained.clear()
+        log.info("%s disconnected", connection)
+        self._deliver(
+            topics.CONNECTIONS,
+            self._event_frame({"event": "disconnected", "server": self.name, "member": connection.describe()}),
+        )
+
+    def _event_frame(self, body):
+        # A snapshot of thousands of members may exceed what members may send;
+        # members accept larger frames from the servers they authenticated.
+        return protocol.encode(
+            {
+                "type": "message",
+                "topic": topics.CONNECTIONS,
+                "publisher": self.name,
+                "session": self.session,
+                "seq": next(self._sequence),
+                "body": dict(body, time=time.time()),
+            },
+            protocol.MAX_SERVER_FRAME_SIZE,
+        )

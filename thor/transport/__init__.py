@@ -1,0 +1,1 @@
+"""Transport: TLS connections between nodes and the framing of messages on them."""
