@@ -5,6 +5,7 @@
 #               Debian bookworm's own python3-* packages (/usr/bin/python3)
 #   make lint   ruff check and format check
 #   make demo   a whole network on one machine (arrives with thor-manager/thor-node)
+#   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
 SHELL := /bin/bash
 DEBIAN_PYTHON := /usr/bin/python3
@@ -17,7 +18,7 @@ APT_PACKAGES := python3 python3-venv python3-pip git \
 	python3-pytest python3-hypothesis
 PYTEST_ARGS ?=
 
-.PHONY: test lint format deps venv test-latest test-bookworm demo clean
+.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver clean
 
 test: deps venv lint test-latest test-bookworm
 
@@ -54,6 +55,13 @@ test-latest: venv
 # Debian bookworm's packages, as the servers have them: no venv, no pip.
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: bench-eventserver
+
+# On both stacks: the dev venv's releases and bookworm's packages.
+bench-eventserver: venv deps
+	$(VENV)/bin/python bench/eventserver_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/eventserver_bench.py
 
 demo:
 	@echo "make demo needs thor-eventserver, thor-manager and thor-node, which are not built yet" >&2
