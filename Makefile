@@ -4,7 +4,7 @@
 #               whole suite twice: on the latest PyPI releases (.venv) and on
 #               Debian bookworm's own python3-* packages (/usr/bin/python3)
 #   make lint   ruff check and format check
-#   make demo   a whole network on one machine (arrives with thor-manager/thor-node)
+#   make demo   a whole network on one machine, watched with thor-monitor
 #   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
 SHELL := /bin/bash
@@ -63,9 +63,10 @@ bench-eventserver: venv deps
 	$(VENV)/bin/python bench/eventserver_bench.py
 	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/eventserver_bench.py
 
-demo:
-	@echo "make demo needs thor-eventserver, thor-manager and thor-node, which are not built yet" >&2
-	@exit 1
+# A whole network on loopback: 3 event servers, 3 managers, thor-database,
+# 5 nodes and thor-monitor in the foreground; Ctrl-C stops everything.
+demo: deps venv
+	$(VENV)/bin/python -m thor.cli.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

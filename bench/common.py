@@ -12,7 +12,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from thor.pki import CertificateAuthority  # noqa: E402
+from thor.pki import CertificateAuthority
 
 
 class BenchPKI:
@@ -59,11 +59,16 @@ def start_eventserver(directory, pki, name="es1", **settings):
             env=dict(os.environ, PYTHONPATH=REPO),
         )
     deadline = time.monotonic() + 20
-    while f"listening on 127.0.0.1:{port}" not in open(log_path).read():
+    while f"listening on 127.0.0.1:{port}" not in read_text(log_path):
         if time.monotonic() > deadline or process.poll() is not None:
-            raise RuntimeError(f"{name} did not start:\n{open(log_path).read()}")
+            raise RuntimeError(f"{name} did not start:\n{read_text(log_path)}")
         time.sleep(0.05)
     return process, port, log_path
+
+
+def read_text(path):
+    with open(path, errors="replace") as stream:
+        return stream.read()
 
 
 def rss_kib(pid):

@@ -24,6 +24,8 @@ import gevent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import contextlib
+
 from common import BenchPKI, machine, median, percentile, rss_kib, start_eventserver, temporary_directory
 
 from thor.events import protocol
@@ -44,7 +46,14 @@ def member(endpoint, contexts, topics=(), presence=None):
     if presence is not None:
         frames.append(
             protocol.encode(
-                {"type": "publish", "topic": "Thor.Presence", "session": "b", "seq": 1, "retain": True, "body": presence}
+                {
+                    "type": "publish",
+                    "topic": "Thor.Presence",
+                    "session": "b",
+                    "seq": 1,
+                    "retain": True,
+                    "body": presence,
+                }
             )
         )
     frames.append(protocol.encode({"type": "ping"}))
@@ -64,10 +73,8 @@ def keepalive(sockets, interval=0.5):
     while True:
         gevent.sleep(interval)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.sendall(ping)
-            except OSError:
-                pass
 
 
 def fanout(endpoint, pki, subscribers=100, messages=20000, window=200):
@@ -100,9 +107,7 @@ def fanout(endpoint, pki, subscribers=100, messages=20000, window=200):
         batch = min(window // 4, messages - sent)
         publisher.sendall(
             b"".join(
-                protocol.encode(
-                    {"type": "publish", "topic": TOPIC, "session": "p", "seq": sent + i + 1, "body": body}
-                )
+                protocol.encode({"type": "publish", "topic": TOPIC, "session": "p", "seq": sent + i + 1, "body": body})
                 for i in range(batch)
             )
         )
@@ -163,7 +168,7 @@ def main():
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
     results = {"machine": machine(), "fanout": [], "members": []}

@@ -36,12 +36,13 @@ class Program:
         with open(self.config, "w") as stream:
             stream.write(sections if isinstance(sections, str) else config_text(sections))
         self.log_path = os.path.join(directory, f"{name}.log")
+        self.stdout_path = os.path.join(directory, f"{name}.out")
         env = dict(os.environ, PYTHONPATH=REPO)
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log, open(self.stdout_path, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, *command, "--config", self.config],
                 stderr=log,
-                stdout=subprocess.DEVNULL,
+                stdout=out,
                 stdin=subprocess.DEVNULL,
                 env=env,
             )

@@ -14,7 +14,7 @@ ConfigError with one line naming file, section, key and what is expected.
 import configparser
 import os
 
-from thor.datatypes import Datatype, DomainName, EndpointList, Float, Path
+from thor.datatypes import Datatype, DomainName, EndpointList, Float, Path, String
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -125,6 +125,12 @@ class ThorNetworkConfig(Section):
         DomainName(),
         None,
         "The network's DNS domain; every node of one SIP Thor network uses the same. Required.",
+    )
+    address = Setting(
+        String(),
+        "",
+        "This host's IP address as announced to the network. Empty: the IP address in this node's "
+        "certificate, else the address its node name resolves to.",
     )
     event_servers = Setting(
         EndpointList(EVENT_SERVER_PORT),

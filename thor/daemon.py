@@ -52,6 +52,8 @@ class Daemon:
         self.config = config
         self.options = options
         self.log = logging.getLogger(self.program)
+        self.stopping = Event()
+        self.exit_status = 0
         self.tls = None
         tls_config = config.get(TLSConfig)
         if tls_config is not None:
@@ -67,6 +69,11 @@ class Daemon:
 
     def start(self):
         raise NotImplementedError
+
+    def finish(self, status=0):
+        """End the program from within (a one-shot command), as TERM would, with status."""
+        self.exit_status = status
+        self.stopping.set()
 
     def stop(self):
         if self.tls is not None:
@@ -129,7 +136,7 @@ def run(daemon_class, argv=None):
         print(f"{program}: error: {error}", file=sys.stderr)
         return EX_CONFIG
 
-    stopping = Event()
+    stopping = daemon.stopping
 
     def request_stop(signum):
         if stopping.is_set():
@@ -147,7 +154,7 @@ def run(daemon_class, argv=None):
     stopping.wait()
     daemon.stop()
     log.info("%s stopped", program)
-    return 0
+    return daemon.exit_status
 
 
 def _reload(daemon, log):

@@ -141,7 +141,8 @@ class ServerLink:
             while self.pongs_received < number and self.connected:
                 self._pong.clear()
                 self._pong.wait()
-        return self.pongs_received >= number
+        # A link that went down meanwhile has nothing left to wait for.
+        return self.pongs_received >= number or not self.connected
 
     def _run(self):
         delay = self.client.backoff_min
@@ -150,6 +151,8 @@ class ServerLink:
                 self._session()
                 delay = self.client.backoff_min  # it was up: start the backoff anew
             except (OSError, TLSError, ProtocolError, FrameError) as error:
+                if self._stopped:
+                    return
                 level = logging.DEBUG if delay > self.client.backoff_min else logging.WARNING
                 log.log(level, "%s: %s", self, error)
             except Exception:
@@ -356,6 +359,8 @@ class EventClient:
 
     def sync(self, timeout=5.0):
         """Wait until every connected server has handled all this client sent so far.
+
+        A server whose link drops meanwhile no longer counts.
 
         Useful after subscribe(): once sync() returns True, messages published
         from then on reach this client through every connected server.

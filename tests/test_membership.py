@@ -1,0 +1,244 @@
+"""The self-organizing overlay as processes on loopback: 3 event servers, managers, nodes.
+
+Timing targets (issue: membership) are asserted with the defaults of the
+event servers (keepalive 1 s, idle timeout 3 s); bench/membership_bench.py
+measures them over many trials.
+"""
+
+import signal
+import socket
+import time
+
+import processes
+import pytest
+from conftest import wait_for
+from overlay import Overlay, members, wait_status
+
+EVERYONE = {"manager1", "manager2", "node1", "node2"}
+
+
+@pytest.fixture
+def overlay(tmp_path, pki):
+    network = Overlay(str(tmp_path), pki)
+    yield network
+    network.close()
+
+
+def start_network(overlay, managers=2):
+    overlay.start_eventservers(3, keepalive=1, idle_timeout=3)
+    for index in range(managers):
+        overlay.manager(f"manager{index + 1}", f"127.0.1.{index + 1}")
+        overlay.programs[f"manager{index + 1}"].wait_log("thor-manager 0.1.0 started")
+    overlay.node("node1", "sip_proxy,media_relay", "127.0.0.11")
+    overlay.node("node2", "sip_proxy,xcap_server", "127.0.0.12")
+    observer = overlay.observer()
+    status = wait_status(observer, lambda s: members(s) >= EVERYONE, message="everyone in the status")
+    return observer, status
+
+
+def test_status_lists_roles_members_and_the_active_manager(overlay):
+    _, status = start_network(overlay)
+    assert status.manager == "manager1"  # the eldest
+    assert status.roles["sip_proxy"] == ("node1", "node2")
+    assert status.roles["media_relay"] == ("node1",)
+    assert status.roles["thor_manager"] == ("manager1", "manager2")
+    node1 = status.members["node1"]
+    assert node1["address"] == "127.0.0.11"
+    assert node1["version"] == "0.1.0"
+    assert status.addresses("sip_proxy") == ["127.0.0.11", "127.0.0.12"]
+    assert "standing by; the active manager is manager1" in overlay.programs["manager2"].log()
+
+
+def test_kill_9_of_a_node_is_gone_within_3_seconds(overlay):
+    observer, _ = start_network(overlay)
+    killed = time.monotonic()
+    overlay.programs["node2"].kill()
+    status = wait_status(observer, lambda s: "node2" not in s.members, timeout=3, message="node2 gone")
+    assert time.monotonic() - killed <= 3
+    assert status.roles["sip_proxy"] == ("node1",)
+
+
+def test_clean_stop_is_gone_within_half_a_second(overlay):
+    observer, before = start_network(overlay)
+    node = overlay.programs["node2"]
+    stopped = time.monotonic()
+    node.signal(signal.SIGTERM)
+    status = wait_status(observer, lambda s: "node2" not in s.members, timeout=2, message="node2 gone")
+    elapsed = time.monotonic() - stopped
+    assert elapsed <= 0.5, f"clean leave took {elapsed:.3f}s"
+    assert node.process.wait(5) == 0
+    assert status.version > before.version
+
+
+def test_frozen_node_is_gone_within_5_seconds_and_back_after_sigcont(overlay):
+    observer, _ = start_network(overlay)
+    node = overlay.programs["node2"]
+    frozen = time.monotonic()
+    node.signal(signal.SIGSTOP)
+    try:
+        wait_status(observer, lambda s: "node2" not in s.members, timeout=5, message="frozen node2 gone")
+        assert time.monotonic() - frozen <= 5
+    finally:
+        node.signal(signal.SIGCONT)
+    status = wait_status(observer, lambda s: "node2" in s.members, timeout=10, message="node2 back")
+    assert status.roles["xcap_server"] == ("node2",)
+
+
+def test_active_manager_killed_another_takes_over_within_3_seconds(overlay):
+    observer, status = start_network(overlay, managers=3)
+    assert status.manager == "manager1"
+    killed = time.monotonic()
+    overlay.programs["manager1"].kill()
+    status = wait_status(observer, lambda s: s.manager == "manager2", timeout=3, message="manager2 active")
+    assert time.monotonic() - killed <= 3
+    assert "manager1" not in status.members
+    assert members(status) >= {"manager2", "manager3", "node1", "node2"}
+    # Exactly one active: manager3 stands by.
+    assert "now the active manager" not in overlay.programs["manager3"].log()
+
+
+def test_returning_manager_does_not_take_leadership_back(overlay):
+    observer, _ = start_network(overlay)
+    overlay.programs["manager1"].kill()
+    wait_status(observer, lambda s: s.manager == "manager2", timeout=5, message="manager2 active")
+    overlay.manager("manager1", "127.0.1.1")
+    status = wait_status(observer, lambda s: "manager1" in s.members, timeout=10, message="manager1 back")
+    assert status.manager == "manager2"
+    version = observer.status.status.version
+    # Give the returning manager every chance to misbehave, then check nothing flapped.
+    overlay.programs["manager1"].wait_log("standing by; the active manager is manager2")
+    assert observer.status.status.manager == "manager2"
+    assert "now the active manager" not in overlay.programs["manager1"].log()
+    assert observer.status.status.version >= version
+
+
+def test_kill_9_of_one_event_server_no_member_leaves(overlay):
+    observer, _ = start_network(overlay)
+    changes = []
+    observer.status.on_change(lambda old, new: changes.append(set(new.members)))
+    overlay.eventservers[0].kill()
+    # Every member and manager loses one of its three links; the status must not lose anyone.
+    for program in overlay.programs.values():
+        program.wait_log("disconnected from es1")
+    wait_for(lambda: observer.client.connected_servers == ["es2", "es3"], message="observer on es2, es3")
+    assert observer.client.sync()  # whatever the managers published meanwhile has reached us
+    assert all(seen >= EVERYONE for seen in changes), changes
+    assert members(observer.status.status) >= EVERYONE
+
+
+def test_status_version_only_grows(overlay):
+    observer, first = start_network(overlay)
+    versions = [first.version]
+    observer.status.on_change(lambda old, new: versions.append(new.version))
+    overlay.programs["node1"].signal(signal.SIGTERM)
+    wait_status(observer, lambda s: "node1" not in s.members, message="node1 gone")
+    overlay.programs["manager1"].kill()
+    wait_status(observer, lambda s: s.manager == "manager2", message="failover")
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+
+class TcpService:
+    """A real listening socket standing for the role's local service."""
+
+    def __init__(self):
+        self.port = None
+        self.sock = None
+
+    def start(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port or 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_health_check_withdraws_and_restores_a_role(overlay):
+    overlay.start_eventservers(1)
+    overlay.manager("manager1")
+    service = TcpService()
+    service.start()
+    overlay.node(
+        "node1",
+        "sip_proxy,xcap_server",
+        "127.0.0.11",
+        checks=f"sip_proxy=none, xcap_server=tcp:127.0.0.1:{service.port}",
+        check_interval=0.2,
+        check_timeout=0.2,
+    )
+    observer = overlay.observer()
+    wait_status(observer, lambda s: s.roles.get("xcap_server") == ("node1",), message="xcap announced")
+    service.stop()
+    status = wait_status(observer, lambda s: "xcap_server" not in s.roles, timeout=5, message="xcap withdrawn")
+    assert status.roles["sip_proxy"] == ("node1",)  # the node stays, with its other role
+    service.start()
+    wait_status(observer, lambda s: s.roles.get("xcap_server") == ("node1",), timeout=5, message="xcap back")
+    log = overlay.programs["node1"].log()
+    assert "role xcap_server: tcp:127.0.0.1:" in log and "withdrawing the role" in log
+    service.stop()
+
+
+def test_third_party_role_by_configuration_only(overlay, pki):
+    pki.ca.extra_roles = ("conference_server",)
+    overlay.start_eventservers(1)
+    overlay.manager("manager1")
+    overlay.node("node1", "conference_server", "127.0.0.11")
+    observer = overlay.observer()
+    status = wait_status(observer, lambda s: "conference_server" in s.roles, message="third-party role")
+    assert status.roles["conference_server"] == ("node1",)
+
+
+def test_node_refuses_roles_its_certificate_does_not_grant(overlay, pki):
+    overlay.start_eventservers(1)
+    pki.ca.issue("node1", "sip_proxy", address="127.0.0.11")
+    node = overlay.start("node1", "thor.node.main", "sip_proxy", "127.0.0.11", Node={"roles": "sip_proxy,xcap_server"})
+    assert node.process.wait(20) == 78
+    assert "does not grant xcap_server (it grants sip_proxy)" in node.log()
+
+
+def test_database_location_is_published_without_password(overlay):
+    overlay.start_eventservers(1)
+    overlay.manager("manager1")
+    database = TcpService()
+    database.start()
+    overlay.start(
+        "db1",
+        "thor.database.main",
+        "thor_database",
+        "127.0.0.20",
+        Database={"host": "127.0.0.1", "port": database.port, "database": "thor", "priority": 5},
+    )
+    observer = overlay.observer()
+    status = wait_status(observer, lambda s: "thor_database" in s.roles, message="database announced")
+    assert status.members["db1"]["attributes"] == {
+        "host": "127.0.0.1",
+        "port": database.port,
+        "database": "thor",
+        "priority": 5,
+    }
+    database.stop()
+    wait_status(observer, lambda s: "thor_database" not in s.roles, timeout=10, message="database withdrawn")
+
+
+def test_monitor_once_prints_a_snapshot(overlay, pki):
+    start_network(overlay)
+    pki.ca.issue("monitor1", "thor_monitor")
+    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
+    monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", "--once"], sections)
+    assert monitor.process.wait(30) == 0, monitor.log()
+    with open(monitor.stdout_path) as stream:
+        lines = stream.read().splitlines()
+    assert lines[0].startswith("network status v") and "by manager1" in lines[0]
+    assert any(line.split()[:3] == ["sip_proxy", "node1", "(127.0.0.11),"] for line in lines)
+    assert any(line.startswith("node2") and "sip_proxy,xcap_server" in line for line in lines)
+
+
+def test_monitor_live_view_needs_a_terminal(overlay, pki):
+    overlay.start_eventservers(1)
+    pki.ca.issue("monitor1", "thor_monitor")
+    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
+    monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main"], sections)
+    assert monitor.process.wait(30) == 78
+    assert "thor-monitor: error: the live view needs a terminal; use --once" in monitor.log()

@@ -1,0 +1,1 @@
+"""thor-database: publishes where the provisioning database is."""

@@ -1,0 +1,30 @@
+"""Configuration of thor-eventserver: the [EventServer] section."""
+
+from thor.config import Section, Setting
+from thor.datatypes import Endpoint, Float, Integer
+
+
+class EventServerConfig(Section):
+    name = "EventServer"
+    listen = Setting(Endpoint(8000), "0.0.0.0:8000", "Address and port to accept members on (TLS).")
+    keepalive = Setting(
+        Float(0.1, 60), "1", "Seconds between the keepalives members must send; told to them in the hello."
+    )
+    idle_timeout = Setting(
+        Float(0.3, 600),
+        "3",
+        "Seconds without a frame after which a member counts as gone (a cut link sends no TCP reset).",
+    )
+    max_frame_size = Setting(Integer(1024, 64 << 20), "1048576", "Largest frame a member may send, in bytes.")
+    send_queue_limit = Setting(
+        Integer(65536, 1 << 30),
+        "4194304",
+        "Bytes queued for one member before it counts as too slow and is disconnected.",
+    )
+    max_connections = Setting(Integer(1, 1000000), "10000", "Members connected (or handshaking) at once.")
+    max_subscriptions = Setting(Integer(1, 100000), "256", "Topics one connection may subscribe to.")
+    max_retained = Setting(Integer(0, 10000), "16", "Retained topics one connection may hold on the server.")
+
+    def validate(self):
+        if self.idle_timeout < 2 * self.keepalive:
+            raise ValueError("idle_timeout: expected at least twice keepalive")

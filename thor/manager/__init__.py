@@ -1,0 +1,1 @@
+"""thor-manager: turns presence into the network status; one of several is active."""

@@ -1,0 +1,16 @@
+"""Configuration of thor-manager: the [Manager] section."""
+
+from thor.config import Section, Setting
+from thor.datatypes import Float
+
+
+class ManagerConfig(Section):
+    name = "Manager"
+    status_interval = Setting(
+        Float(0.5, 3600), "5", "Seconds between publications of the network status when nothing changes."
+    )
+    coalesce = Setting(
+        Float(0, 5),
+        "0.05",
+        "Seconds to gather changes into one network status before publishing it.",
+    )

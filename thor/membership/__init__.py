@@ -1,0 +1,1 @@
+"""Membership: entities, the network status, and the member every program builds on."""

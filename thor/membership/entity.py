@@ -1,0 +1,81 @@
+"""An entity: what a member publishes about itself on Thor.Presence.
+
+    {"name": "node1", "address": "192.0.2.21", "roles": ["sip_proxy"],
+     "version": "0.1.0", "status": "ok", "since": 1764048000.0,
+     "attributes": {"control_port": 25060}}
+
+name and roles are checked against the certificate by the event server; the
+rest is checked here by whoever consumes presence (the manager).
+"""
+
+import ipaddress
+
+from thor.roles import RoleError, check_role_name
+
+__all__ = ["EntityError", "make_entity", "validate_entity"]
+
+MAX_ATTRIBUTES = 32
+MAX_TEXT = 256
+
+
+class EntityError(ValueError):
+    pass
+
+
+def make_entity(name, address, roles, version, since, status="ok", attributes=None):
+    return validate_entity(
+        {
+            "name": name,
+            "address": address,
+            "roles": sorted(roles),
+            "version": version,
+            "status": status,
+            "since": since,
+            "attributes": dict(attributes or {}),
+        }
+    )
+
+
+def validate_entity(body):
+    """Return a normalized copy of body, or raise EntityError saying what is wrong."""
+    if not isinstance(body, dict):
+        raise EntityError("entity is not an object")
+    name = _text(body, "name")
+    try:
+        address = str(ipaddress.ip_address(_text(body, "address")))
+    except ValueError:
+        raise EntityError(f"entity {name}: address is not an IP address") from None
+    roles = body.get("roles")
+    if not isinstance(roles, list):
+        raise EntityError(f"entity {name}: roles is not a list")
+    try:
+        roles = sorted({check_role_name(role) for role in roles if isinstance(role, str)})
+    except RoleError as error:
+        raise EntityError(f"entity {name}: {error}") from None
+    since = body.get("since", 0)
+    if not isinstance(since, (int, float)) or isinstance(since, bool):
+        raise EntityError(f"entity {name}: since is not a number")
+    attributes = body.get("attributes", {})
+    if not isinstance(attributes, dict) or len(attributes) > MAX_ATTRIBUTES:
+        raise EntityError(f"entity {name}: attributes must be an object of at most {MAX_ATTRIBUTES} keys")
+    for key, value in attributes.items():
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise EntityError(f"entity {name}: attribute {key!r} is not a string, number or boolean")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise EntityError(f"entity {name}: attribute {key!r} is longer than {MAX_TEXT}")
+    return {
+        "name": name,
+        "address": address,
+        "roles": roles,
+        "version": _text(body, "version", default=""),
+        "status": _text(body, "status", default="ok"),
+        "since": float(since),
+        "attributes": dict(attributes),
+    }
+
+
+def _text(body, key, default=None):
+    value = body.get(key, default)
+    if not isinstance(value, str) or (default is None and not value) or len(value) > MAX_TEXT:
+        raise EntityError(f"entity: {key} must be a string of 1 to {MAX_TEXT} characters")
+    return value

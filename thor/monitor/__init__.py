@@ -1,0 +1,1 @@
+"""thor-monitor: the network in a terminal."""

@@ -1,0 +1,163 @@
+"""thor-monitor: a live view of the network (curses), or a plain snapshot with --once."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import collections
+import curses
+import json
+import logging
+import sys
+import time
+
+import gevent
+
+from thor.daemon import StartupError, run
+from thor.events.topics import CONNECTIONS
+from thor.membership.program import MemberDaemon
+
+EX_NO_STATUS = 1
+
+
+def format_age(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def snapshot_lines(status, now=None):
+    """The network status as plain text lines (also the top of the live view)."""
+    now = now or time.time()
+    lines = [
+        f"network status v{status.version} by {status.manager}, published {format_age(now - status.published)} ago, "
+        f"{len(status.members)} members"
+    ]
+    lines.append("")
+    lines.append(f"{'ROLE':<20} MEMBERS")
+    for role in sorted(status.roles):
+        members = ", ".join(f"{name} ({status.members[name]['address']})" for name in status.roles[role])
+        lines.append(f"{role:<20} {members}")
+    lines.append("")
+    lines.append(f"{'NAME':<24} {'ADDRESS':<16} {'VERSION':<10} {'UP FOR':<8} ROLES")
+    for name in sorted(status.members):
+        entity = status.members[name]
+        lines.append(
+            f"{name:<24} {entity['address']:<16} {entity['version']:<10} "
+            f"{format_age(now - entity['since']):<8} {','.join(entity['roles']) or '-'}"
+        )
+    return lines
+
+
+class MonitorDaemon(MemberDaemon):
+    program = "thor-monitor"
+    description = "Shows the SIP Thor network: roles, members, addresses, versions and recent events."
+    announce = False  # a monitor watches; it is not a member others look up
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--once", action="store_true", help="print one plain snapshot and exit")
+        parser.add_argument("--json", action="store_true", help="with --once: the status as JSON")
+        parser.add_argument(
+            "--wait", type=float, default=10.0, help="with --once: seconds to wait for a status (default 10)"
+        )
+
+    def setup(self):
+        if not self.options.once and not sys.stdout.isatty():
+            raise StartupError("the live view needs a terminal; use --once")
+        self.events = collections.deque(maxlen=200)
+        self.client.subscribe(CONNECTIONS, self._on_connection)
+        if self.options.once:
+            gevent.spawn(self._once)
+        else:
+            self._screen = gevent.spawn(self._live)
+
+    def _on_connection(self, message):
+        body = message.body
+        if body.get("event") == "snapshot":
+            count = len(body.get("members", []))
+            self.events.append(
+                (body.get("time", time.time()), f"{'watching':<12} {count} members on {body.get('server')}")
+            )
+        elif body.get("event") in ("connected", "disconnected"):
+            member = body.get("member", {})
+            self.events.append(
+                (body.get("time", time.time()), f"{body['event']:<12} {member.get('name')} on {body.get('server')}")
+            )
+
+    def _once(self):
+        status = self.member.status.wait(lambda status: status.version > 0, timeout=self.options.wait)
+        if status is None:
+            print(f"thor-monitor: no network status within {self.options.wait:g}s", file=sys.stderr)
+            self.finish(EX_NO_STATUS)
+            return
+        if self.options.json:
+            print(json.dumps(status.to_json(), indent=2, sort_keys=True))
+        else:
+            print("\n".join(snapshot_lines(status)))
+        sys.stdout.flush()
+        self.finish(0)
+
+    def _live(self):
+        # Log lines would tear the screen: keep them for the events pane instead.
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(_EventsHandler(self.events))
+        screen = curses.initscr()
+        curses.noecho()
+        curses.cbreak()
+        screen.nodelay(True)
+        try:
+            while True:
+                if screen.getch() in (ord("q"), ord("Q")):
+                    self.finish(0)
+                    return
+                self._draw(screen)
+                gevent.sleep(0.25)
+        finally:
+            curses.nocbreak()
+            curses.echo()
+            curses.endwin()
+
+    def _draw(self, screen):
+        height, width = screen.getmaxyx()
+        status = self.member.status.status
+        servers = ", ".join(self.client.connected_servers) or "none"
+        lines = [f"SIP Thor monitor  event servers: {servers}  (q quits)", ""]
+        if status.version:
+            lines.extend(snapshot_lines(status))
+        else:
+            lines.append("waiting for the network status ...")
+        lines.extend(["", "RECENT EVENTS"])
+        room = max(0, height - len(lines) - 1)
+        recent = list(self.events)[-room:] if room else []
+        lines.extend(f"{time.strftime('%H:%M:%S', time.localtime(when))} {text}" for when, text in recent)
+        screen.erase()
+        for row, line in enumerate(lines[: height - 1]):
+            screen.addnstr(row, 0, line, width - 1)
+        screen.refresh()
+
+    def stop(self):
+        if not self.options.once and hasattr(self, "_screen"):
+            self._screen.kill()
+        super().stop()
+
+
+class _EventsHandler(logging.Handler):
+    def __init__(self, events):
+        super().__init__(logging.WARNING)
+        self.events = events
+
+    def emit(self, record):
+        self.events.append((record.created, f"{record.levelname.lower():<12} {record.getMessage()}"))
+
+
+def main(argv=None):
+    return run(MonitorDaemon, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
