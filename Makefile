@@ -18,7 +18,7 @@ APT_PACKAGES := python3 python3-venv python3-pip git \
 	python3-pytest python3-hypothesis
 PYTEST_ARGS ?=
 
-.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver clean
+.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver bench-membership clean
 
 test: deps venv lint test-latest test-bookworm
 
@@ -56,7 +56,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: bench-eventserver
+bench: bench-eventserver bench-membership
 
 # On both stacks: the dev venv's releases and bookworm's packages.
 bench-eventserver: venv deps
@@ -65,6 +65,10 @@ bench-eventserver: venv deps
 
 # A whole network on loopback: 3 event servers, 3 managers, thor-database,
 # 5 nodes and thor-monitor in the foreground; Ctrl-C stops everything.
+bench-membership: venv deps
+	$(VENV)/bin/python bench/membership_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/membership_bench.py
+
 demo: deps venv
 	$(VENV)/bin/python -m thor.cli.demo
 
