@@ -12,6 +12,7 @@ import time
 import processes
 import pytest
 from conftest import wait_for
+from kamailio import Kamailio
 from overlay import Overlay, members, wait_status
 
 EVERYONE = {"manager1", "manager2", "node1", "node2"}
@@ -242,3 +243,29 @@ def test_monitor_live_view_needs_a_terminal(overlay, pki):
     monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main"], sections)
     assert monitor.process.wait(30) == 78
     assert "thor-monitor: error: the live view needs a terminal; use --once" in monitor.log()
+
+
+def test_sip_proxy_role_follows_kamailio(overlay, tmp_path):
+    """The built-in SIP check against the real SIP proxy: OPTIONS answered -> announced; stopped -> withdrawn."""
+    kamailio = Kamailio(str(tmp_path), processes.free_port())
+    kamailio.start()
+    try:
+        overlay.start_eventservers(1)
+        overlay.manager("manager1")
+        overlay.node(
+            "node1",
+            "sip_proxy",
+            "127.0.0.11",
+            checks=f"sip_proxy=sip:127.0.0.1:{kamailio.port}",
+            check_interval=0.2,
+            check_timeout=0.3,
+        )
+        observer = overlay.observer()
+        wait_status(observer, lambda s: s.roles.get("sip_proxy") == ("node1",), message="sip_proxy announced")
+        kamailio.stop()
+        status = wait_status(observer, lambda s: "sip_proxy" not in s.roles, timeout=5, message="withdrawn")
+        assert "node1" in status.members
+        kamailio.start()
+        wait_status(observer, lambda s: s.roles.get("sip_proxy") == ("node1",), timeout=5, message="back")
+    finally:
+        kamailio.stop()
