@@ -47,6 +47,11 @@ def test_status_lists_roles_members_and_the_active_manager(overlay):
     assert node1["address"] == "127.0.0.11"
     assert node1["version"] == "0.1.0"
     assert status.addresses("sip_proxy") == ["127.0.0.11", "127.0.0.12"]
+    # The event servers the managers reach are listed too, with their ports (for DNS SRV records).
+    assert status.roles["thor_eventserver"] == ("es1", "es2", "es3")
+    assert [e["attributes"]["port"] for e in status.role_members("thor_eventserver")] == [
+        server.port for server in overlay.eventservers
+    ]
     assert "standing by; the active manager is manager1" in overlay.programs["manager2"].log()
 
 

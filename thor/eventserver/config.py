@@ -1,12 +1,19 @@
 """Configuration of thor-eventserver: the [EventServer] section."""
 
 from thor.config import Section, Setting
-from thor.datatypes import Endpoint, Float, Integer
+from thor.datatypes import Endpoint, Float, Integer, String
 
 
 class EventServerConfig(Section):
     name = "EventServer"
     listen = Setting(Endpoint(8000), "0.0.0.0:8000", "Address and port to accept members on (TLS).")
+    address = Setting(
+        String(),
+        "",
+        "The address this event server announces (for the _eventserver._tcp SRV records thor-dns "
+        "keeps). Empty: the listen address, unless it is a wildcard; then the IP address in the "
+        "certificate, else the address the node name resolves to.",
+    )
     keepalive = Setting(
         Float(0.1, 60), "1", "Seconds between the keepalives members must send; told to them in the hello."
     )

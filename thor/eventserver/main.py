@@ -5,11 +5,15 @@ from gevent import monkey
 monkey.patch_all()
 
 import sys
+import time
 
+from thor import __version__
 from thor.config import TLSConfig
 from thor.daemon import Daemon, StartupError, raise_file_limit, run
 from thor.eventserver.config import EventServerConfig
 from thor.eventserver.server import EventServer, Limits
+from thor.membership.entity import make_entity
+from thor.membership.member import own_address
 from thor.transport.tls import TLSError, load_certificate_identity
 
 ROLE = "thor_eventserver"
@@ -39,7 +43,14 @@ class EventServerDaemon(Daemon):
             max_subscriptions=config.max_subscriptions,
             max_retained=config.max_retained,
         )
-        self.server = EventServer(identity.name, self.tls, config.listen, limits)
+        host, port = config.listen
+        wildcard = host in ("0.0.0.0", "::")
+        try:
+            address = own_address(config.address or ("" if wildcard else host), tls_config.certificate)
+        except ValueError as error:
+            raise StartupError(f"[EventServer] address: {error}") from None
+        presence = make_entity(identity.name, address, [ROLE], __version__, time.time(), attributes={"port": port})
+        self.server = EventServer(identity.name, self.tls, config.listen, limits, presence=presence)
         try:
             self.server.start()
         except OSError as error:

@@ -7,7 +7,10 @@ subscriber in the order they were published. Every connection has a bounded
 send queue: a subscriber that cannot keep up is disconnected, the server never
 buffers without bound.
 
-The server announces on Thor.Connections every member that connects or goes
+The server hands its own entity (role thor_eventserver, its address and
+port) to every subscriber of Thor.Presence, so that managers list the event
+servers they reach in the network status. It announces on Thor.Connections
+every member that connects or goes
 away (crash, cut link, clean close), and answers a subscription to that topic
 with a snapshot of who is connected now. Retained publications (a member's
 presence, the manager's network status) are kept while their publisher is
@@ -94,7 +97,8 @@ class Connection:
 
 
 class EventServer:
-    def __init__(self, name, contexts, listen, limits=None):
+    def __init__(self, name, contexts, listen, limits=None, presence=None):
+        """presence: this server's own entity, handed to every subscriber of Thor.Presence."""
         self.name = name
         self.limits = limits or Limits()
         self.topics = collections.defaultdict(set)
@@ -102,6 +106,18 @@ class EventServer:
         self.session = os.urandom(8).hex()
         self._sequence = itertools.count(1)
         self._connection_ids = itertools.count(1)
+        self._presence_frame = None
+        if presence is not None:
+            self._presence_frame = protocol.encode(
+                {
+                    "type": "message",
+                    "topic": topics.PRESENCE,
+                    "publisher": name,
+                    "session": self.session,
+                    "seq": 1,
+                    "body": presence,
+                }
+            )
         self._tls_server = TLSServer(
             listen,
             contexts,
@@ -253,6 +269,8 @@ class EventServer:
                 return
             connection.subscriptions.add(topic)
             self.topics[topic].add(connection)
+            if topic == topics.PRESENCE and self._presence_frame is not None:
+                connection.send(self._presence_frame)
             if topic == topics.CONNECTIONS:
                 members = [other.describe() for other in self.connections.values()]
                 connection.send(self._event_frame({"event": "snapshot", "server": self.name, "members": members}))

@@ -2,6 +2,7 @@
 
 Liveness: a member is alive while at least one event server reports a
 connection of it (Thor.Connections) and its presence (Thor.Presence) is known.
+An event server is alive while this manager's link to it is up.
 A crash closes its connections at once; a cut link is found by the event
 servers' keepalive timeout; a clean stop sends Thor.Leave first.
 
@@ -76,7 +77,9 @@ class NetworkView:
     # -- results ----------------------------------------------------------------
 
     def is_connected(self, name):
-        return any(name in table for table in self.connections.values())
+        # An event server is alive for us while our link to it is: it reports
+        # itself through the snapshot that opens its table.
+        return name in self.connections or any(name in table for table in self.connections.values())
 
     def live_members(self):
         return {
