@@ -12,12 +12,13 @@ DEBIAN_PYTHON := /usr/bin/python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 # What the suite needs from Debian: the bookworm stack the servers run on,
-# the tools to build the dev venv, and Kamailio (the SIP proxy the node's
-# SIP health check is tested against).
-APT_PACKAGES := python3 python3-venv python3-pip git \
-	python3-gevent python3-cryptography python3-dnspython \
+# the tools to build the dev venv (psycopg2 compiles against libpq), Kamailio
+# (the SIP proxy the node's SIP health check is tested against), and the
+# PostgreSQL and PowerDNS that thor-dns is tested against.
+APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
+	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
 	python3-pytest python3-hypothesis \
-	kamailio
+	kamailio postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
 .PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver bench-membership clean

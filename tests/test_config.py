@@ -136,6 +136,7 @@ def import_every_program():
         "thor.manager.config",
         "thor.node.config",
         "thor.database.config",
+        "thor.dns.config",
     ):
         importlib.import_module(module)
 

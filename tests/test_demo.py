@@ -25,4 +25,5 @@ def test_demo_network_forms_and_stops_cleanly():
         "thor_database        database1 (127.0.0.5)",
     ):
         assert line in output
+    assert "DNS _sip._udp.demo.sipthor.test SRV: ['10 10 5060 node" in output
     assert "not stopped cleanly" not in result.stderr

@@ -13,6 +13,7 @@ from thor.roles import RoleError, check_role_name
 
 __all__ = [
     "Boolean",
+    "Choice",
     "Datatype",
     "DomainName",
     "Endpoint",
@@ -59,6 +60,17 @@ class Path(Datatype):
 
     def parse(self, text):
         if not text and not self.allow_empty:
+            raise ValueError(self.expected)
+        return text
+
+
+class Choice(Datatype):
+    def __init__(self, *choices):
+        self.choices = choices
+        self.expected = "one of " + ", ".join(choices)
+
+    def parse(self, text):
+        if text not in self.choices:
             raise ValueError(self.expected)
         return text
 

@@ -1,7 +1,8 @@
 """make demo: a whole SIP Thor network on one machine, on loopback addresses.
 
-A throw-away PKI, 3 event servers, 3 managers, thor-database and 5 nodes with
-mixed roles, each a separate process with its own certificate; then
+A throw-away PKI, 3 event servers, 3 managers, thor-database, 5 nodes with
+mixed roles and thor-dns (embedded, on 127.0.0.6 port 5300), each a separate
+process with its own certificate; then
 thor-monitor in the foreground. Ctrl-C (or q in the monitor) stops
 everything cleanly. No SIP proxy or database runs in the demo, so the nodes'
 and the database's health checks are set to none (see the generated
@@ -21,12 +22,17 @@ import sys
 import tempfile
 import time
 
+import dns.exception
+import dns.message
+import dns.query
+
 from thor.pki import CertificateAuthority
 
 DOMAIN = "demo.sipthor.test"
 EVENT_SERVERS = {f"es{i}": f"127.0.0.{1 + i}" for i in (1, 2, 3)}  # 127.0.0.2-4, port 8000
 MANAGERS = {f"manager{i}": f"127.0.1.{i}" for i in (1, 2, 3)}
 DATABASE = ("database1", "127.0.0.5")
+DNS = ("dns1", "127.0.0.6", 5300)  # the embedded backend; port 53 would need root
 NODES = {
     "node1": ("127.0.0.11", ["sip_proxy", "media_relay"]),
     "node2": ("127.0.0.12", ["sip_proxy", "xcap_server"]),
@@ -97,6 +103,9 @@ class Network:
         for name, (address, roles) in NODES.items():
             node = {"checks": ", ".join(f"{role}=none" for role in roles)}
             self.start(name, "thor.node.main", self.config(name, roles, address, Node=node))
+        name, address, port = DNS
+        dns = {"backend": "embedded", "listen": f"{address}:{port}"}
+        self.start(name, "thor.dns.main", self.config(name, "thor_dnsmanager", address, DNS=dns))
 
     def monitor_command(self, *args):
         path = os.path.join(self.directory, "monitor.ini")
@@ -121,7 +130,7 @@ class Network:
 
 
 def expected_members():
-    return {*MANAGERS, DATABASE[0], *NODES}
+    return {*MANAGERS, DATABASE[0], DNS[0], *NODES}
 
 
 def wait_complete(network, timeout):
@@ -144,6 +153,21 @@ def wait_complete(network, timeout):
     return status
 
 
+def dns_answer(name, rdtype, timeout=10):
+    """The records thor-dns answers for name (waiting for it to come up), as text."""
+    _, address, port = DNS
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = dns.query.udp(dns.message.make_query(name, rdtype), address, port=port, timeout=1)
+            if response.answer:
+                return sorted(record.to_text() for record in response.answer[0])
+        except (OSError, dns.exception.DNSException):
+            pass
+        time.sleep(0.2)
+    return []
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="start, verify the status lists everyone, stop")
@@ -152,6 +176,7 @@ def main(argv=None):
     directory = tempfile.mkdtemp(prefix="thor-demo-")
     network = Network(directory, sys.executable)
     print(f"demo network {DOMAIN} in {directory} (configs, certificates, logs)")
+    print(f"DNS: dig @{DNS[1]} -p {DNS[2]} _sip._udp.{DOMAIN} SRV")
     status = 0
     try:
         network.start_all()
@@ -165,6 +190,9 @@ def main(argv=None):
                     network.monitor_command("--once"), capture_output=True, text=True, check=False
                 )
                 print(snapshot.stdout)
+                answer = dns_answer(f"_sip._udp.{DOMAIN}.", "SRV")
+                print(f"DNS _sip._udp.{DOMAIN} SRV: {answer}")
+                status = 0 if answer else 1
         elif sys.stdout.isatty():
             subprocess.run(network.monitor_command(), check=False)
         else:

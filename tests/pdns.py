@@ -1,0 +1,134 @@
+"""Real PostgreSQL 15 and PowerDNS 4.7 (gpgsql) as processes on loopback, for thor-dns tests."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import processes
+from conftest import wait_for
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+SCHEMA = "/usr/share/pdns-backend-pgsql/schema/schema.pgsql.sql"
+
+
+def _as_postgres(command):
+    """PostgreSQL refuses to run as root: run its tools as the postgres user when we are root."""
+    if os.geteuid() == 0:
+        command = ["runuser", "-u", "postgres", "--", *command]
+    return command
+
+
+class PostgreSQL:
+    def __init__(self):
+        # Its own folder under /tmp: pytest's folders are closed to the postgres user.
+        directory = tempfile.mkdtemp(prefix="thor-test-pg-")
+        self.root = directory
+        self.directory = os.path.join(directory, "pgdata")
+        self.socket_dir = os.path.join(directory, "pgsocket")
+        self.port = processes.free_port()
+        self.log = os.path.join(directory, "postgresql.log")
+        os.makedirs(self.socket_dir, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(directory, "postgres")
+            shutil.chown(self.socket_dir, "postgres")
+        subprocess.run(
+            _as_postgres([f"{PG_BIN}/initdb", "-D", self.directory, "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.start()
+
+    def start(self):
+        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            _as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.directory, "-l", self.log, "-o", options, "-w", "start"]),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def stop(self):
+        subprocess.run(
+            _as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.directory, "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
+
+    def remove(self):
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def create_database(self, name):
+        subprocess.run(
+            [f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def dsn(self, database):
+        return f"host=127.0.0.1 port={self.port} dbname={database} user=postgres"
+
+
+class PowerDNS:
+    def __init__(self, directory, postgresql, database):
+        self.directory = os.path.join(directory, f"pdns-{database}")
+        os.makedirs(self.directory, exist_ok=True)
+        self.port = processes.free_port()
+        config = {
+            "launch": "gpgsql",
+            "gpgsql-host": "127.0.0.1",
+            "gpgsql-port": postgresql.port,
+            "gpgsql-dbname": database,
+            "gpgsql-user": "postgres",
+            "local-address": "127.0.0.1",
+            "local-port": self.port,
+            "enable-lua-records": "yes",
+            # What thor-dns needs of PowerDNS: no caches between a change and the answers.
+            "cache-ttl": 0,
+            "query-cache-ttl": 0,
+            "negquery-cache-ttl": 0,
+            "zone-cache-refresh-interval": 0,
+            "socket-dir": self.directory,
+            "webserver": "no",
+            "security-poll-suffix": "",  # no queries to the outside world
+            "api": "no",
+        }
+        with open(os.path.join(self.directory, "pdns.conf"), "w") as stream:
+            stream.writelines(f"{key}={value}\n" for key, value in config.items())
+        self.log_path = os.path.join(self.directory, "pdns.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    "pdns_server",
+                    f"--config-dir={self.directory}",
+                    "--guardian=no",
+                    "--daemon=no",
+                    "--disable-syslog",
+                    "--write-pid=no",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        wait_for(
+            lambda: "Done launching threads" in self._log() or self.process.poll() is not None,
+            timeout=20,
+            message="PowerDNS started",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f"pdns_server exited: {self._log()}")
+
+    def _log(self):
+        with open(self.log_path, errors="replace") as stream:
+            return stream.read()
+
+    @property
+    def address(self):
+        return ("127.0.0.1", self.port)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -1,0 +1,110 @@
+"""thor-dns: the daemon."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys
+import time
+
+import gevent
+from gevent.event import Event
+
+from thor.config import ThorNetworkConfig, TLSConfig
+from thor.daemon import StartupError, run
+from thor.dns.config import DNSConfig
+from thor.dns.embedded import EmbeddedZone
+from thor.dns.powerdns import PowerDNSZone
+from thor.dns.records import ZoneSettings, zone_records
+from thor.membership.program import MemberDaemon
+
+ROLE = "thor_dnsmanager"
+
+
+class DNSDaemon(MemberDaemon):
+    program = "thor-dns"
+    description = "Keeps the authoritative DNS of the SIP Thor domain equal to the live network members."
+    sections = (ThorNetworkConfig, TLSConfig, DNSConfig)
+    required_role = ROLE
+
+    def setup(self):
+        config = self.config[DNSConfig]
+        network = self.config[ThorNetworkConfig]
+        nameservers = config.nameservers or [(self.identity.name, self.member.address)]
+        self.zone_settings = ZoneSettings(
+            network.domain, nameservers, config.ttl, config.answer_limit, config.hostmaster or None
+        )
+        if config.backend == "embedded":
+            self.backend = EmbeddedZone(config.listen)
+            try:
+                self.backend.start()
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen on {config.listen[0]}:{config.listen[1]}: {error.strerror}"
+                ) from None
+            self.log.info("answering DNS for %s on %s:%d", network.domain, *self.backend.address[:2])
+        else:
+            dsn = (
+                f"host={config.database_host} port={config.database_port} dbname={config.database_name} "
+                f"user={config.database_user}"
+            )
+            if config.database_password:
+                dsn += f" password={config.database_password}"
+            self.backend = PowerDNSZone(dsn, config.powerdns_schema)
+        self.applied = None
+        self.serial = 0
+        self._wanted = Event()
+        self.member.status.on_change(lambda old, new: self._wanted.set())
+        self._worker = gevent.spawn(self._work)
+
+    def teardown(self):
+        self._worker.kill()
+        if self.config[DNSConfig].backend == "embedded":
+            self.backend.stop()
+        else:
+            self.backend.close()
+
+    def _work(self):
+        """Apply the latest status; what cannot be applied now is retried, never half-applied."""
+        retry = self.config[DNSConfig].retry_interval
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            status = self.member.status.status
+            records = zone_records(status, self.zone_settings)
+            if records == self.applied:
+                continue
+            try:
+                self._apply(records, status)
+            except Exception as error:
+                self.log.error(
+                    "cannot apply network status v%d to DNS (retrying in %gs): %s", status.version, retry, error
+                )
+                gevent.sleep(retry)
+                self._wanted.set()
+                continue
+            self.applied = records
+
+    def _apply(self, records, status):
+        if self.config[DNSConfig].backend == "embedded":
+            self.serial = max(self.serial + 1, int(time.time()))
+            self.backend.update(self.zone_settings, records, self.serial)
+            self.log.info("zone %s serial %d from status v%d", self.zone_settings.domain, self.serial, status.version)
+        else:
+            deleted, inserted, serial = self.backend.apply(self.zone_settings, records)
+            self.log.info(
+                "zone %s serial %d from status v%d (%d rows deleted, %d inserted)",
+                self.zone_settings.domain,
+                serial,
+                status.version,
+                deleted,
+                inserted,
+            )
+
+
+def main(argv=None):
+    return run(DNSDaemon, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
