@@ -21,7 +21,7 @@ APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	kamailio postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
-.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver bench-membership clean
+.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver bench-membership bench-dns clean
 
 test: deps venv lint test-latest test-bookworm
 
@@ -59,7 +59,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: bench-eventserver bench-membership
+bench: bench-eventserver bench-membership bench-dns
 
 # On both stacks: the dev venv's releases and bookworm's packages.
 bench-eventserver: venv deps
@@ -71,6 +71,10 @@ bench-eventserver: venv deps
 bench-membership: venv deps
 	$(VENV)/bin/python bench/membership_bench.py
 	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/membership_bench.py
+
+bench-dns: venv deps
+	$(VENV)/bin/python bench/dns_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/dns_bench.py
 
 demo: deps venv
 	$(VENV)/bin/python -m thor.cli.demo
