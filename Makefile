@@ -4,6 +4,8 @@
 #               whole suite twice: on the latest PyPI releases (.venv) and on
 #               Debian bookworm's own python3-* packages (/usr/bin/python3)
 #   make lint   ruff check and format check
+#   make deb    the Debian packages (build/deb/*.deb), lintian-clean
+#   make deb-test  those packages installed in a clean bookworm container, suite run there
 #   make demo   a whole network on one machine, watched with thor-monitor
 #   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
@@ -21,12 +23,17 @@ APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	kamailio postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
-.PHONY: test lint format deps venv test-latest test-bookworm demo bench bench-eventserver bench-membership bench-dns clean
+DEB_DIR := build/deb
+DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
+	lintian fakeroot dpkg-dev apt-utils
+DEB_TEST_PACKAGES := docker.io debootstrap
 
-test: deps venv lint test-latest test-bookworm
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test demo bench bench-eventserver bench-membership bench-dns clean
+
+test: deps venv lint test-latest test-bookworm deb-test
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+	@missing=$$(for p in $(APT_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_TEST_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (install as root): $$missing"; exit 1; fi; \
@@ -75,6 +82,23 @@ bench-membership: venv deps
 bench-dns: venv deps
 	$(VENV)/bin/python bench/dns_bench.py
 	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/dns_bench.py
+
+# Debian packages for bookworm, built with Debian's own Python (not pyenv's).
+deb: deps
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	git ls-files -co --exclude-standard | grep -v '^build/' | tar -cf - -T - | tar -C $(DEB_DIR)/src -xf -
+	cd $(DEB_DIR)/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b > ../build.log 2>&1 \
+		|| { tail -40 ../build.log; exit 1; }
+	lintian --fail-on error,warning $(DEB_DIR)/*.changes
+	# A flat apt repository of the build (docs/packaging.md).
+	mkdir -p $(DEB_DIR)/repo && cp $(DEB_DIR)/*.deb $(DEB_DIR)/repo/
+	cd $(DEB_DIR)/repo && apt-ftparchive packages . > Packages && gzip -9kf Packages && apt-ftparchive release . > Release
+	ls $(DEB_DIR)/*.deb
+
+# The packages installed in a clean Debian 12 container (built locally with
+# debootstrap), running debian/tests against them.
+deb-test: deb
+	bash tests/infra/deb-test.sh $(DEB_DIR)
 
 demo: deps venv
 	$(VENV)/bin/python -m thor.cli.demo

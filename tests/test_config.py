@@ -8,7 +8,12 @@ from conftest import REPO
 from thor.config import ConfigError, Section, ThorNetworkConfig, TLSConfig, load_config
 from thor.datatypes import Boolean, DomainName, Endpoint, EndpointList, Float, Integer, NameList, Port
 
-SAMPLE = os.path.join(REPO, "etc", "config.ini.sample")
+# In the source tree, or as thor-common installs it (debian/tests).
+SAMPLE = next(
+    path
+    for path in (os.path.join(REPO, "etc", "config.ini.sample"), "/etc/thor/config.ini.sample")
+    if os.path.exists(path)
+)
 
 
 def write(tmp_path, text):
