@@ -12,6 +12,7 @@ import time
 import processes
 import pytest
 from conftest import wait_for
+from eventbus import EventServerProcess
 from kamailio import Kamailio
 from overlay import Overlay, members, wait_status
 
@@ -274,3 +275,30 @@ def test_sip_proxy_role_follows_kamailio(overlay, tmp_path):
         wait_status(observer, lambda s: s.roles.get("sip_proxy") == ("node1",), timeout=5, message="back")
     finally:
         kamailio.stop()
+
+
+def test_programs_sharing_a_host_certificate_are_told_apart(overlay, pki):
+    """An event server and a manager on one host share its certificate and name; killing one keeps the other."""
+    for index in (1, 2):
+        pki.ca.issue(f"thor{index}", "thor_eventserver,thor_manager", address=f"127.0.2.{index}")
+        server = EventServerProcess(overlay.directory, pki, f"thor{index}", keepalive=1, idle_timeout=3)
+        overlay.eventservers.append(server)
+    for server in overlay.eventservers:
+        server.wait_ready()
+    for index in (1, 2):
+        overlay.start(f"thor{index}", "thor.manager.main", "thor_manager", f"127.0.2.{index}")
+        overlay.programs[f"thor{index}"].wait_log("thor-manager 0.1.0 started")
+    overlay.node("node1", "sip_proxy", "127.0.0.11")
+    observer = overlay.observer()
+    status = wait_status(
+        observer,
+        lambda s: s.roles.get("thor_manager") == ("thor1", "thor2") and "node1" in s.members,
+        message="both hosts with both roles",
+    )
+    assert status.roles["thor_eventserver"] == ("thor1", "thor2")
+    assert status.members["thor1"]["roles"] == ["thor_eventserver", "thor_manager"]
+    assert status.manager == "thor1"
+    overlay.programs["thor1"].kill()  # the manager of host thor1; its event server lives on
+    status = wait_status(observer, lambda s: s.manager == "thor2", timeout=3, message="thor2 active")
+    assert status.members["thor1"]["roles"] == ["thor_eventserver"]
+    assert status.roles["thor_manager"] == ("thor2",)

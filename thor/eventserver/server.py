@@ -49,6 +49,7 @@ class Limits:
         max_connections=10000,
         max_subscriptions=256,
         max_retained=16,
+        max_sessions=8,
     ):
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -58,6 +59,7 @@ class Limits:
         self.max_connections = max_connections
         self.max_subscriptions = max_subscriptions
         self.max_retained = max_retained
+        self.max_sessions = max_sessions
 
 
 class Connection:
@@ -68,6 +70,7 @@ class Connection:
         self.socket = tls_socket
         self.identity = identity
         self.subscriptions = set()
+        self.sessions = set()
         self.retained = {}
         self.registered = False
         self.writer = QueuedWriter(tls_socket, server.limits.send_queue_limit, on_overflow=self._overflow)
@@ -87,6 +90,7 @@ class Connection:
             "roles": sorted(self.identity.roles),
             "address": host,
             "port": port,
+            "sessions": sorted(self.sessions),
         }
 
     def send(self, frame):
@@ -219,6 +223,25 @@ class EventServer:
 
     def _publish(self, connection, message):
         topic = message["topic"]
+        session = message["session"]
+        if session not in connection.sessions:
+            # Several programs of one host share its certificate and name; the
+            # session tells them apart, so consumers learn which connection
+            # carries which session (a manager times out each program on its own).
+            if len(connection.sessions) >= self.limits.max_sessions:
+                connection.send(
+                    ProtocolError(
+                        protocol.LIMIT, f"at most {self.limits.max_sessions} sessions per connection", topic=topic
+                    ).frame()
+                )
+                return
+            connection.sessions.add(session)
+            self._deliver(
+                topics.CONNECTIONS,
+                self._event_frame(
+                    {"event": "session", "server": self.name, "member": connection.describe(), "session": session}
+                ),
+            )
         try:
             topics.authorize_publish(connection.identity, topic, message["body"])
         except topics.ForbiddenError as reason:
@@ -273,7 +296,8 @@ class EventServer:
                 connection.send(self._presence_frame)
             if topic == topics.CONNECTIONS:
                 members = [other.describe() for other in self.connections.values()]
-                connection.send(self._event_frame({"event": "snapshot", "server": self.name, "members": members}))
+                snapshot = {"event": "snapshot", "server": self.name, "session": self.session, "members": members}
+                connection.send(self._event_frame(snapshot))
             for other in tuple(self.connections.values()):
                 frame = other.retained.get(topic)
                 if frame is not None:

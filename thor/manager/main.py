@@ -51,19 +51,21 @@ class ManagerDaemon(MemberDaemon):
         body = message.body
         event, server = body.get("event"), body.get("server")
         if event == "snapshot":
-            self.view.server_snapshot(server, body.get("members", []))
+            self.view.server_snapshot(server, body.get("session"), body.get("members", []))
         elif event == "connected":
             self.view.connected(server, body["member"])
+        elif event == "session":
+            self.view.session(server, body["member"], body["session"])
         elif event == "disconnected":
             self.view.disconnected(server, body["member"])
         self._changed()
 
     def _on_presence(self, message):
-        self.view.update_presence(message.publisher, message.body)
+        self.view.update_presence(message.publisher, message.session, message.body)
         self._changed()
 
     def _on_leave(self, message):
-        self.view.leave(message.publisher)
+        self.view.leave(message.publisher, message.session)
         self._changed()
 
     def _on_server_lost(self, link):

@@ -1,19 +1,26 @@
 """What a manager knows of the network, and who the active manager is.
 
-Liveness: a member is alive while at least one event server reports a
-connection of it (Thor.Connections) and its presence (Thor.Presence) is known.
-An event server is alive while this manager's link to it is up.
-A crash closes its connections at once; a cut link is found by the event
-servers' keepalive timeout; a clean stop sends Thor.Leave first.
+Several programs of one host (an event server and a manager, say) share the
+host's certificate and so its name; each publishes its own presence under its
+own session. The view therefore keeps presence per (name, session) and merges
+the live sessions of a name into one entity (roles united).
 
-Election (docs/membership.md): the active manager is the live member with the
-thor_manager role that has been up longest (smallest `since`, then smallest
-name). Every manager computes it from the same shared view, so they agree
-without talking to each other; a returning manager is the youngest and takes
-nothing over; the active stays active while it lives.
+Liveness: a session is alive while at least one event server reports a
+connection that carries it (Thor.Connections: each server announces the
+sessions a connection publishes with). An event server's own session is alive
+while this manager's link to that server is up. A crash closes the
+connections at once; a cut link is found by the event servers' keepalive
+timeout; a clean stop sends Thor.Leave first.
+
+Election (docs/membership.md): the active manager is the live thor_manager
+session that has been up longest (smallest `since`, then smallest name).
+Every manager computes it from the same shared view, so they agree without
+talking to each other; a returning manager is the youngest and takes nothing
+over; the active stays active while it lives.
 """
 
 import logging
+import time
 
 from thor.membership.entity import EntityError, validate_entity
 from thor.membership.status import NetworkStatus
@@ -23,43 +30,44 @@ __all__ = ["MANAGER_ROLE", "NetworkView"]
 log = logging.getLogger("thor.manager")
 
 MANAGER_ROLE = "thor_manager"
+# Presence of a session no server has reported for this long is forgotten.
+FORGET_AFTER = 600.0
 
 
 class NetworkView:
     def __init__(self):
-        self.connections = {}  # server -> {member name -> {connection ids}}
-        self.presence = {}  # member name -> entity
-        self.left = set()  # said Thor.Leave; stays out until a new presence
+        self.connections = {}  # server -> {connection id -> set of sessions}
+        self.server_sessions = {}  # server -> the server's own session
+        self.presence = {}  # (name, session) -> entity
+        self.left = set()  # (name, session) that said Thor.Leave
+        self.dead_since = {}  # (name, session) -> when it was last seen alive
 
     # -- Thor.Connections -------------------------------------------------------
 
-    def server_snapshot(self, server, members):
-        table = {}
-        for member in members:
-            table.setdefault(member["name"], set()).add(member["connection"])
-        self.connections[server] = table
+    def server_snapshot(self, server, session, members):
+        self.server_sessions[server] = session
+        self.connections[server] = {member["connection"]: set(member.get("sessions", ())) for member in members}
 
     def connected(self, server, member):
-        self.connections.setdefault(server, {}).setdefault(member["name"], set()).add(member["connection"])
+        self.connections.setdefault(server, {})[member["connection"]] = set(member.get("sessions", ()))
+
+    def session(self, server, member, session):
+        self.connections.setdefault(server, {}).setdefault(member["connection"], set()).add(session)
 
     def disconnected(self, server, member):
-        table = self.connections.get(server, {})
-        ids = table.get(member["name"])
-        if ids is not None:
-            ids.discard(member["connection"])
-            if not ids:
-                del table[member["name"]]
+        self.connections.get(server, {}).pop(member["connection"], None)
 
     def server_lost(self, server):
         """Our link to server broke: what it told us no longer counts."""
         self.connections.pop(server, None)
+        self.server_sessions.pop(server, None)
 
     # -- Thor.Presence / Thor.Leave ---------------------------------------------
 
-    # Presence stays known after a member's connections drop: when its link
+    # Presence stays known after a session's connections drop: when its link
     # comes back, its client re-sends the same retained presence, which the
     # de-duplication of our client does not hand us a second time.
-    def update_presence(self, publisher, body):
+    def update_presence(self, publisher, session, body):
         try:
             entity = validate_entity(body)
         except EntityError as error:
@@ -67,27 +75,50 @@ class NetworkView:
             return
         if entity["name"] != publisher:  # the event server enforces this; defence in depth
             return
-        self.presence[publisher] = entity
-        self.left.discard(publisher)
+        self.presence[(publisher, session)] = entity
+        self.left.discard((publisher, session))
 
-    def leave(self, publisher):
-        self.left.add(publisher)
-        self.presence.pop(publisher, None)
+    def leave(self, publisher, session):
+        self.left.add((publisher, session))
+        self.presence.pop((publisher, session), None)
 
     # -- results ----------------------------------------------------------------
 
-    def is_connected(self, name):
-        # An event server is alive for us while our link to it is: it reports
-        # itself through the snapshot that opens its table.
-        return name in self.connections or any(name in table for table in self.connections.values())
+    def _alive_sessions(self):
+        alive = set(self.server_sessions.values())
+        for table in self.connections.values():
+            for sessions in table.values():
+                alive |= sessions
+        return alive
+
+    def live_sessions(self):
+        """{(name, session): entity} of every live, not departed session."""
+        alive = self._alive_sessions()
+        now = time.monotonic()
+        live = {}
+        for key, entity in list(self.presence.items()):
+            if key[1] in alive and key not in self.left:
+                live[key] = entity
+                self.dead_since.pop(key, None)
+            elif now - self.dead_since.setdefault(key, now) > FORGET_AFTER:
+                del self.presence[key]
+                del self.dead_since[key]
+        return live
 
     def live_members(self):
-        return {
-            name: entity for name, entity in self.presence.items() if name not in self.left and self.is_connected(name)
-        }
+        """{name: entity}, the live sessions of each name merged."""
+        members = {}
+        for (name, _), entity in sorted(self.live_sessions().items(), key=lambda item: item[1]["since"]):
+            merged = members.get(name)
+            if merged is None:
+                members[name] = dict(entity, roles=list(entity["roles"]), attributes=dict(entity["attributes"]))
+            else:
+                merged["roles"] = sorted(set(merged["roles"]) | set(entity["roles"]))
+                merged["attributes"].update(entity["attributes"])
+        return members
 
     def active_manager(self):
-        managers = [entity for entity in self.live_members().values() if MANAGER_ROLE in entity["roles"]]
+        managers = [entity for entity in self.live_sessions().values() if MANAGER_ROLE in entity["roles"]]
         if not managers:
             return None
         return min(managers, key=lambda entity: (entity["since"], entity["name"]))["name"]
