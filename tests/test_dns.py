@@ -31,6 +31,12 @@ def status_of(nodes):
     return NetworkStatus(1, "manager1", members)
 
 
+def test_hostmaster_is_made_absolute():
+    assert ZoneSettings(DOMAIN, [], hostmaster="noc.example.com").hostmaster == "noc.example.com.sipthor.test."
+    assert ZoneSettings(DOMAIN, [], hostmaster="noc.sipthor.test").hostmaster == "noc.sipthor.test."
+    assert ZoneSettings(DOMAIN, []).hostmaster == "hostmaster.sipthor.test."
+
+
 def test_record_set_of_a_status():
     settings = ZoneSettings(DOMAIN, [("ns1", "127.0.0.53")], ttl=30, answer_limit=LIMIT)
     records = zone_records(status_of({"node1": "127.0.0.11", "node2": "127.0.0.12"}), settings)
@@ -157,6 +163,9 @@ def test_embedded_backend(overlay):
     assert query(server, "example.com.", "A").rcode() == dns.rcode.REFUSED
     missing = query(server, f"nothing.{DOMAIN}.", "A")
     assert missing.rcode() == dns.rcode.NXDOMAIN and missing.authority[0].rdtype == dns.rdatatype.SOA
+    # An empty non-terminal exists (RFC 8020): NODATA, not NXDOMAIN.
+    between = query(server, f"_udp.{DOMAIN}.", "A")
+    assert between.rcode() == dns.rcode.NOERROR and not between.answer
 
 
 def test_embedded_server_survives_malformed_and_truncated_packets(overlay):

@@ -268,6 +268,10 @@ def closed(tls_socket):
 HELLO = protocol.encode({"type": "hello", "version": 1})
 
 
+def framed(payload):
+    return struct.pack("!I", len(payload)) + payload
+
+
 @pytest.mark.parametrize(
     ("before_hello", "data", "code"),
     [
@@ -278,6 +282,9 @@ HELLO = protocol.encode({"type": "hello", "version": 1})
         (False, protocol.encode({"type": "teleport"}), "invalid"),
         (False, protocol.encode({"type": "publish", "topic": "A", "session": "s", "seq": True, "body": 1}), "invalid"),
         (True, protocol.encode({"type": "hello", "version": 2}), "unsupported-version"),
+        # A lone surrogate parses as JSON but cannot be sent on as UTF-8.
+        (False, framed(b'{"type":"publish","topic":"A","session":"s","seq":1,"body":"\\ud800"}'), "malformed"),
+        (False, framed(b'{"type":"publish","topic":"A","session":"\\ud800","seq":1,"body":1}'), "invalid"),
         (True, protocol.encode({"type": "subscribe", "topics": ["A"]}), "unexpected"),
         (
             False,

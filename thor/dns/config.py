@@ -48,7 +48,7 @@ class DNSConfig(Section):
         "3",
         "How many records a sliced answer carries at most (a random sample of the live nodes).",
     )
-    hostmaster = Setting(String(), "", "The SOA contact, as a name. Empty: hostmaster.<domain>.")
+    hostmaster = Setting(DomainName(allow_empty=True), "", "The SOA contact, as a name. Empty: hostmaster.<domain>.")
     database_host = Setting(String(allow_empty=False), "127.0.0.1", "powerdns: PostgreSQL host.")
     database_port = Setting(Integer(1, 65535), "5432", "powerdns: PostgreSQL port.")
     database_name = Setting(String(allow_empty=False), "pdns", "powerdns: the database PowerDNS reads (gpgsql).")

@@ -51,7 +51,12 @@ class Zone:
             key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype))
             full = dns.rrset.from_text_list(key[0], rrset.ttl, dns.rdataclass.IN, key[1], list(rrset.rdatas))
             self.rrsets[key] = (full, rrset.sliced)
-            self.names.add(key[0])
+            # The name and every name between it and the origin exist (RFC 8020: an
+            # empty non-terminal such as _udp.D answers NODATA, not NXDOMAIN).
+            node = key[0]
+            while node != self.origin and node.is_subdomain(self.origin):
+                self.names.add(node)
+                node = node.parent()
         self.serial = serial
 
     def lookup(self, name, rdtype):

@@ -13,7 +13,9 @@ import logging
 import os
 import time
 
+import gevent.socket
 import psycopg2
+import psycopg2.extensions
 
 __all__ = ["PowerDNSError", "PowerDNSZone"]
 
@@ -52,8 +54,23 @@ def rows_for(records, answer_limit):
     return rows
 
 
+def _gevent_wait(connection, timeout=None):
+    """psycopg2 waits through gevent, so a slow database blocks only the greenlet that asked."""
+    while True:
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            gevent.socket.wait_read(connection.fileno(), timeout=timeout)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            gevent.socket.wait_write(connection.fileno(), timeout=timeout)
+        else:
+            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+
 class PowerDNSZone:
     def __init__(self, dsn, schema_path=None, connect_timeout=5):
+        psycopg2.extensions.set_wait_callback(_gevent_wait)
         self.dsn = dsn
         self.schema_path = schema_path
         self.connect_timeout = connect_timeout
@@ -61,7 +78,12 @@ class PowerDNSZone:
 
     def _connect(self):
         if self._connection is None or self._connection.closed:
-            self._connection = psycopg2.connect(self.dsn, connect_timeout=self.connect_timeout)
+            # Another thor-dns holding the zone's lock, or a stuck statement, fails in bounded time.
+            self._connection = psycopg2.connect(
+                self.dsn,
+                connect_timeout=self.connect_timeout,
+                options="-c lock_timeout=5000 -c statement_timeout=15000",
+            )
             self._ensure_schema()
         return self._connection
 

@@ -22,7 +22,7 @@ class ZoneSettings:
         self.nameservers = tuple(nameservers)  # ((host name, address or ""), ...)
         self.ttl = ttl
         self.answer_limit = answer_limit
-        self.hostmaster = hostmaster or f"hostmaster.{self.origin}"
+        self.hostmaster = self.absolute(hostmaster) if hostmaster else f"hostmaster.{self.origin}"
 
     def absolute(self, name):
         name = name.rstrip(".").lower()

@@ -69,6 +69,11 @@ class Deduplicator:
         self.max_pending = max_pending
         self._streams = collections.OrderedDict()
 
+    def forget(self, publisher, session):
+        """Drop every stream of (publisher, session): its messages count as new again."""
+        for key in [key for key in self._streams if key[:2] == (publisher, session)]:
+            del self._streams[key]
+
     def first_time(self, publisher, session, topic, seq):
         key = (publisher, session, topic)
         stream = self._streams.get(key)
@@ -107,6 +112,7 @@ class ServerLink:
         self.server_name = None
         self.connected = False
         self.keepalive = None
+        self.server_serial = None
         self.pings_sent = 0
         self.pongs_received = 0
         self._pong = Event()
@@ -170,6 +176,7 @@ class ServerLink:
             self.endpoint, self.client.contexts, timeout=self.client.connect_timeout, expected_role=EVENTSERVER_ROLE
         )
         self.server_name = identity.name
+        self.server_serial = identity.serial
         self._writer = QueuedWriter(tls_socket, self.client.send_queue_limit)
         decoder = FrameDecoder(protocol.MAX_SERVER_FRAME_SIZE)
         self._writer.send(protocol.encode({"type": "hello", "version": PROTOCOL_VERSION}))
@@ -279,6 +286,7 @@ class EventClient:
         self._error_callbacks = []
         self._changed = Event()
         self._discovery = None
+        contexts.add_reload_callback(self._drop_revoked_servers)
 
     @classmethod
     def from_config(cls, network, contexts, connect_timeout=5.0):
@@ -302,6 +310,10 @@ class EventClient:
         self.handlers[topic].append(handler)
         if new:
             self._broadcast(protocol.encode({"type": "subscribe", "topics": [topic]}))
+
+    def forget_session(self, publisher, session):
+        """Messages of (publisher, session) will be delivered again, as if never seen."""
+        self._dedup.forget(publisher, session)
 
     def unsubscribe(self, topic, handler):
         handlers = self.handlers.get(topic, [])
@@ -380,12 +392,21 @@ class EventClient:
 
     def stop(self, flush_timeout=1.0):
         """Close every link, giving what is queued flush_timeout seconds to go out."""
+        self.contexts.remove_reload_callback(self._drop_revoked_servers)
         if self._discovery is not None:
             self._discovery.kill(block=False)
         gevent.joinall([gevent.spawn(link.stop, flush_timeout) for link in self.links.values()])
         self.links.clear()
 
     # -- internals --------------------------------------------------------------
+
+    def _drop_revoked_servers(self, contexts):
+        """A new CRL revokes an event server we are connected to: drop the link (its reconnect is refused)."""
+        for link in self.links.values():
+            if link.connected and link.server_serial in contexts.revoked_serials:
+                log.warning("disconnecting from %s: its certificate was revoked", link)
+                if link._writer is not None:
+                    link._writer.close()
 
     def _broadcast(self, frame):
         return sum(1 for link in self.links.values() if link.send(frame))

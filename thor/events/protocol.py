@@ -22,8 +22,8 @@ PROTOCOL_VERSION = 1
 # every connected member can outgrow what members may send).
 MAX_SERVER_FRAME_SIZE = 16 << 20
 MAX_TOPICS_PER_FRAME = 64
-MAX_SESSION_LENGTH = 64
 _TOPIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Error codes; the first group ends the connection.
 MALFORMED = "malformed"
@@ -90,9 +90,8 @@ def _check_topic(message):
 
 def _check_publish(message):
     _check_topic(message)
-    session = _require(message, "session", str)
-    if not 0 < len(session) <= MAX_SESSION_LENGTH:
-        raise ProtocolError(INVALID, "publish: session must be 1 to 64 characters")
+    if not _SESSION.match(_require(message, "session", str)):
+        raise ProtocolError(INVALID, "publish: session must be 1 to 64 letters, digits, '_' or '-'")
     if _require(message, "seq", int) < 1:
         raise ProtocolError(INVALID, "publish: seq must be a positive integer")
     _require(message, "retain", bool, optional=True)

@@ -31,6 +31,9 @@ class EventServerConfig(Section):
     max_connections = Setting(Integer(1, 1000000), "10000", "Members connected (or handshaking) at once.")
     max_subscriptions = Setting(Integer(1, 100000), "256", "Topics one connection may subscribe to.")
     max_retained = Setting(Integer(0, 10000), "16", "Retained topics one connection may hold on the server.")
+    max_retained_bytes = Setting(
+        Integer(1024, 1 << 30), "262144", "Bytes of retained messages one connection may hold on the server."
+    )
 
     def validate(self):
         if self.idle_timeout < 2 * self.keepalive:

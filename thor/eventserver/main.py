@@ -42,6 +42,7 @@ class EventServerDaemon(Daemon):
             max_connections=config.max_connections,
             max_subscriptions=config.max_subscriptions,
             max_retained=config.max_retained,
+            max_retained_bytes=config.max_retained_bytes,
         )
         host, port = config.listen
         wildcard = host in ("0.0.0.0", "::")

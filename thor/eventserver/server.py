@@ -50,6 +50,7 @@ class Limits:
         max_subscriptions=256,
         max_retained=16,
         max_sessions=8,
+        max_retained_bytes=256 << 10,
     ):
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -60,6 +61,7 @@ class Limits:
         self.max_subscriptions = max_subscriptions
         self.max_retained = max_retained
         self.max_sessions = max_sessions
+        self.max_retained_bytes = max_retained_bytes
 
 
 class Connection:
@@ -156,13 +158,22 @@ class EventServer:
         except OSError as error:  # ssl.SSLError included
             log.debug("connection of %s ended: %s", connection, error)
         finally:
-            self._unregister(connection)
-            # Whatever is queued (the error frame) gets a moment to go out.
-            connection.writer.close(flush_timeout=1.0)
+            try:
+                self._unregister(connection)
+            finally:
+                # Whatever is queued (the error frame) gets a moment to go out.
+                connection.writer.close(flush_timeout=1.0)
 
     def _read_loop(self, connection, decoder):
         tls_socket = connection.socket
+        # The hello must come within handshake_timeout in all, not per read.
+        hello_deadline = time.monotonic() + self.limits.handshake_timeout
         while not connection.closed:
+            if not connection.registered:
+                remaining = hello_deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProtocolError(protocol.UNEXPECTED, "no hello in time")
+                tls_socket.settimeout(remaining)
             try:
                 data = tls_socket.recv(65536)
             except TimeoutError:
@@ -248,23 +259,40 @@ class EventServer:
             log.warning("refused publish of %s on %s: %s", connection, topic, reason)
             connection.send(ProtocolError(protocol.FORBIDDEN, str(reason), topic=topic, seq=message["seq"]).frame())
             return
-        frame = protocol.encode(
-            {
-                "type": "message",
-                "topic": topic,
-                "publisher": connection.identity.name,
-                "session": message["session"],
-                "seq": message["seq"],
-                "body": message["body"],
-            },
-            self.limits.max_frame_size + 1024,
-        )
+        try:
+            frame = protocol.encode(
+                {
+                    "type": "message",
+                    "topic": topic,
+                    "publisher": connection.identity.name,
+                    "session": message["session"],
+                    "seq": message["seq"],
+                    "body": message["body"],
+                },
+                self.limits.max_frame_size + 1024,
+            )
+        except UnicodeEncodeError:
+            raise ProtocolError(protocol.MALFORMED, "publish body holds text that is not valid Unicode") from None
+        except FrameError:
+            raise ProtocolError(protocol.OVERSIZED, "publish body grows beyond the maximum frame size") from None
         if message.get("retain"):
             if topic not in connection.retained and len(connection.retained) >= self.limits.max_retained:
                 connection.send(
                     ProtocolError(
                         protocol.LIMIT,
                         f"at most {self.limits.max_retained} retained topics per connection",
+                        topic=topic,
+                        seq=message["seq"],
+                    ).frame()
+                )
+            elif (
+                sum(map(len, connection.retained.values())) - len(connection.retained.get(topic, b"")) + len(frame)
+                > self.limits.max_retained_bytes
+            ):
+                connection.send(
+                    ProtocolError(
+                        protocol.LIMIT,
+                        f"at most {self.limits.max_retained_bytes} bytes retained per connection",
                         topic=topic,
                         seq=message["seq"],
                     ).frame()

@@ -27,6 +27,7 @@ class ManagerDaemon(MemberDaemon):
     def setup(self):
         self.settings = self.config[ManagerConfig]
         self.view = NetworkView()
+        self.view.on_forget = self.client.forget_session
         self.active = False
         self.active_name = None
         self.highest_version = 0
@@ -98,6 +99,12 @@ class ManagerDaemon(MemberDaemon):
 
     def _evaluate(self, periodic=False):
         self._pending = None
+        try:
+            self._elect_and_publish(periodic)
+        except Exception:
+            self.log.exception("network status evaluation failed")
+
+    def _elect_and_publish(self, periodic):
         active_name = self.view.active_manager()
         if active_name != self.active_name:
             self.active_name = active_name

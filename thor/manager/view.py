@@ -36,23 +36,28 @@ FORGET_AFTER = 600.0
 
 class NetworkView:
     def __init__(self):
-        self.connections = {}  # server -> {connection id -> set of sessions}
-        self.server_sessions = {}  # server -> the server's own session
+        self.connections = {}  # server -> {connection id -> set of (name, session)}
+        self.server_sessions = {}  # server -> (server name, the server's own session)
         self.presence = {}  # (name, session) -> entity
         self.left = set()  # (name, session) that said Thor.Leave
         self.dead_since = {}  # (name, session) -> when it was last seen alive
+        # Called with (name, session) when a long dead session is forgotten, so
+        # that the client's de-duplication forgets it too and a return is seen.
+        self.on_forget = None
 
     # -- Thor.Connections -------------------------------------------------------
 
+    # A session counts only for the name of the connection that carries it: a
+    # member that reuses another's session string keeps nobody else alive.
     def server_snapshot(self, server, session, members):
-        self.server_sessions[server] = session
-        self.connections[server] = {member["connection"]: set(member.get("sessions", ())) for member in members}
+        self.server_sessions[server] = (server, session)
+        self.connections[server] = {member["connection"]: _sessions(member) for member in members}
 
     def connected(self, server, member):
-        self.connections.setdefault(server, {})[member["connection"]] = set(member.get("sessions", ()))
+        self.connections.setdefault(server, {})[member["connection"]] = _sessions(member)
 
     def session(self, server, member, session):
-        self.connections.setdefault(server, {}).setdefault(member["connection"], set()).add(session)
+        self.connections.setdefault(server, {}).setdefault(member["connection"], set()).add((member["name"], session))
 
     def disconnected(self, server, member):
         self.connections.get(server, {}).pop(member["connection"], None)
@@ -79,8 +84,9 @@ class NetworkView:
         self.left.discard((publisher, session))
 
     def leave(self, publisher, session):
-        self.left.add((publisher, session))
-        self.presence.pop((publisher, session), None)
+        # Only a known session can leave: unknown ones would only grow the set.
+        if self.presence.pop((publisher, session), None) is not None:
+            self.left.add((publisher, session))
 
     # -- results ----------------------------------------------------------------
 
@@ -97,12 +103,15 @@ class NetworkView:
         now = time.monotonic()
         live = {}
         for key, entity in list(self.presence.items()):
-            if key[1] in alive and key not in self.left:
+            if key in alive and key not in self.left:
                 live[key] = entity
                 self.dead_since.pop(key, None)
             elif now - self.dead_since.setdefault(key, now) > FORGET_AFTER:
                 del self.presence[key]
                 del self.dead_since[key]
+                self.left.discard(key)
+                if self.on_forget is not None:
+                    self.on_forget(*key)
         return live
 
     def live_members(self):
@@ -125,3 +134,7 @@ class NetworkView:
 
     def status(self, version, manager):
         return NetworkStatus(version, manager, self.live_members())
+
+
+def _sessions(member):
+    return {(member["name"], session) for session in member.get("sessions", ())}

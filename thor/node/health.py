@@ -63,14 +63,17 @@ class Check:
             sock.settimeout(timeout)
             sock.connect((self.host, self.port))
             local_host, local_port = sock.getsockname()[:2]
+            if ":" in local_host:
+                local_host = f"[{local_host}]"
+            host = f"[{self.host}]" if ":" in self.host else self.host
             tag = os.urandom(6).hex()
             request = (
-                f"OPTIONS sip:{self.host}:{self.port} SIP/2.0\r\n"
+                f"OPTIONS sip:{host}:{self.port} SIP/2.0\r\n"
                 f"Via: SIP/2.0/UDP {local_host}:{local_port};branch=z9hG4bK{tag};rport\r\n"
                 "Max-Forwards: 70\r\n"
                 f"From: <sip:thor-node@{local_host}>;tag={tag}\r\n"
-                f"To: <sip:{self.host}:{self.port}>\r\n"
-                f"Call-ID: {tag}@{local_host}\r\n"
+                f"To: <sip:{host}:{self.port}>\r\n"
+                f"Call-ID: {tag}@thor-node\r\n"
                 "CSeq: 1 OPTIONS\r\n"
                 "User-Agent: thor-node health check\r\n"
                 "Content-Length: 0\r\n\r\n"

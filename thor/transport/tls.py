@@ -292,6 +292,12 @@ class TLSServer:
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
+        if identity.serial in self.contexts.revoked_serials:
+            # Handshake began before a CRL reload that revokes this certificate.
+            self.log.warning("refused %s: certificate revoked", identity)
+            with contextlib.suppress(OSError):
+                tls_socket.close()
+            return
         self.log.debug("accepted %s with roles %s", identity, ",".join(sorted(identity.roles)))
         self.connections[tls_socket] = identity
         try:
