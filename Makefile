@@ -6,6 +6,7 @@
 #   make lint   ruff check and format check
 #   make deb    the Debian packages (build/deb/*.deb), lintian-clean
 #   make deb-test  those packages installed in a clean bookworm container, suite run there
+#   make molecule  the Ansible rollout on a 6-container cluster, verified
 #   make demo   a whole network on one machine, watched with thor-monitor
 #   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
@@ -28,9 +29,9 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test demo bench bench-eventserver bench-membership bench-dns clean
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns clean
 
-test: deps venv lint test-latest test-bookworm deb-test
+test: deps venv lint test-latest test-bookworm deb-test molecule
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES) $(DEB_BUILD_PACKAGES) $(DEB_TEST_PACKAGES); do \
@@ -99,6 +100,15 @@ deb: deps
 # debootstrap), running debian/tests against them.
 deb-test: deb
 	bash tests/infra/deb-test.sh $(DEB_DIR)
+
+# The molecule cluster: 6 bookworm containers converged with playbooks/site.yml
+# and the packages of make deb, checked for idempotence, then verified
+# (molecule/cluster/tests). The CA lives in a fresh folder for each run.
+molecule: deb venv
+	bash tests/infra/docker.sh
+	pki=$$(mktemp -d /tmp/thor-molecule-pki.XXXXXX) && \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH NO_COLOR=1 THOR_MOLECULE_PKI=$$pki $(VENV)/bin/molecule test -s cluster; \
+	status=$$?; rm -rf $$pki; exit $$status
 
 demo: deps venv
 	$(VENV)/bin/python -m thor.cli.demo

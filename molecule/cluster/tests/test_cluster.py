@@ -1,0 +1,157 @@
+"""The SIP Thor network deployed by playbooks/site.yml on the molecule containers.
+
+Runs on the controller; reaches the containers with testinfra's docker
+backend and the docker CLI (they are the project's own test hosts).
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import testinfra
+
+# The project's own test helpers (wait_for: poll a condition with a deadline).
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "tests"))
+from conftest import wait_for
+
+DOMAIN = "molecule.sipthor.test"
+NETWORK = "thor-molecule"
+ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22"}
+PROGRAMS = {
+    "thor1": {"thor-eventserver", "thor-manager"},
+    "thor2": {"thor-eventserver", "thor-manager"},
+    "thor3": {"thor-eventserver", "thor-manager"},
+    "ns1": {"pdns", "thor-dns", "thor-database"},
+    "node1": {"thor-node"},
+    "node2": {"thor-node"},
+}
+
+
+def host(name):
+    return testinfra.get_host(f"docker://{name}")
+
+
+def status(on="thor1"):
+    result = host(on).run(
+        "python3 -m thor.monitor.main --config /etc/thor/config.ini --once --json --wait 5 2>/dev/null"
+    )
+    return json.loads(result.stdout) if result.rc == 0 else None
+
+
+def status_where(predicate, timeout, message, on="thor1"):
+    def matching():
+        current = status(on)
+        return current if current and predicate(current) else None
+
+    return wait_for(matching, timeout, interval=0.5, message=message)
+
+
+def dns_answer(name, rdtype):
+    """What PowerDNS on ns1 answers, as text records ([] for none)."""
+    script = (
+        "import dns.message, dns.query; "
+        f"r = dns.query.udp(dns.message.make_query({name!r}, {rdtype!r}), '127.0.0.1', timeout=2); "
+        "[print(x.to_text()) for rrset in r.answer for x in rrset]"
+    )
+    result = host("ns1").run(f"python3 -c {shlex.quote(script)}")
+    assert result.rc == 0, result.stderr
+    return result.stdout.split("\n")[:-1] if result.stdout.strip() else []
+
+
+def srv_targets():
+    return {line.split()[3].split(".")[0] for line in dns_answer(f"_sip._udp.{DOMAIN}.", "SRV")}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_supervisor_programs_running(name):
+    result = host(name).run("supervisorctl status")
+    running = {line.split()[0] for line in result.stdout.splitlines() if " RUNNING " in line}
+    assert running >= PROGRAMS[name], result.stdout
+
+
+def test_network_status_lists_every_host_with_its_roles():
+    current = status_where(lambda s: len(s["members"]) == 6, 60, "6 members")
+    roles = current["roles"]
+    assert roles["thor_eventserver"] == ["thor1", "thor2", "thor3"]
+    assert roles["thor_manager"] == ["thor1", "thor2", "thor3"]
+    assert roles["sip_proxy"] == ["node1", "node2"]  # Kamailio answers their SIP checks
+    assert roles["thor_dnsmanager"] == ["ns1"]
+    assert roles["thor_database"] == ["ns1"]
+    assert current["members"]["ns1"]["attributes"]["port"] == 5432
+    assert current["members"]["node1"]["address"] == ADDRESSES["node1"]
+
+
+def test_powerdns_answers_srv_and_a_for_live_sip_proxies():
+    wait_for(lambda: srv_targets() == {"node1", "node2"}, 30, message="SRV of both nodes")
+    assert dns_answer(f"node1.{DOMAIN}.", "A") == [ADDRESSES["node1"]]
+    naptr = dns_answer(f"{DOMAIN}.", "NAPTR")
+    assert any('"SIP+D2U"' in line for line in naptr)
+    assert len(dns_answer(f"_eventserver._tcp.{DOMAIN}.", "SRV")) == 3
+
+
+def test_stopped_node_leaves_dns_and_comes_back():
+    node2 = host("node2")
+    assert node2.run("supervisorctl stop thor-node").rc == 0
+    try:
+        wait_for(lambda: srv_targets() == {"node1"}, 10, message="node2 out of the SRV answers")
+        assert dns_answer(f"node2.{DOMAIN}.", "A") == []
+    finally:
+        assert node2.run("supervisorctl start thor-node").rc == 0
+    wait_for(lambda: srv_targets() == {"node1", "node2"}, 30, message="node2 back in DNS")
+
+
+def test_node_cut_off_is_removed_and_returns_without_operator_action():
+    subprocess.run(["docker", "network", "disconnect", NETWORK, "node1"], check=True)
+    try:
+        status_where(lambda s: "node1" not in s["members"], 20, "node1 removed while cut off")
+    finally:
+        subprocess.run(["docker", "network", "connect", "--ip", ADDRESSES["node1"], NETWORK, "node1"], check=True)
+    status_where(lambda s: "node1" in s["members"], 90, "node1 back after reconnect")
+    wait_for(lambda: "node1" in srv_targets(), 30, message="node1 back in DNS")
+
+
+def test_active_manager_killed_another_takes_over():
+    before = status_where(lambda s: s["manager"], 30, "an active manager")
+    active = before["manager"]
+    assert host(active).run("supervisorctl signal KILL thor-manager").rc == 0
+    after = status_where(
+        lambda s: s["manager"] not in (None, active),
+        15,
+        "another active manager",
+        on="thor3" if active != "thor3" else "thor1",
+    )
+    assert after["version"] > before["version"]
+    # supervisor restarts the killed manager; as the youngest it stands by.
+    status_where(lambda s: s["roles"].get("thor_manager") == ["thor1", "thor2", "thor3"], 30, "all managers back")
+    assert status()["manager"] == after["manager"]
+
+
+def test_certificate_revoked_through_the_playbook_is_refused():
+    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    result = subprocess.run(
+        [
+            "ansible-playbook",
+            "-i",
+            inventory,
+            os.path.join(project, "playbooks", "revoke.yml"),
+            "-e",
+            json.dumps({"thor_pki_revoke": ["node2"]}),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    status_where(lambda s: "node2" not in s["members"], 30, "node2 refused")
+    wait_for(
+        lambda: "certificate revoked" in host("thor1").run("cat /var/log/supervisor/thor-eventserver.log").stdout,
+        30,
+        message="the event server refusing node2",
+    )
+    assert srv_targets() == {"node1"}
