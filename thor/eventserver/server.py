@@ -98,6 +98,10 @@ class Connection:
     def send(self, frame):
         self.writer.send(frame)
 
+    def refuse(self, code, message, **details):
+        """An error frame for a request that is refused; the connection stays open."""
+        self.send(ProtocolError(code, message, **details).frame())
+
     def _overflow(self):
         log.warning("disconnecting %s: send queue over %d bytes, it does not keep up", self, self.writer.limit)
 
@@ -233,31 +237,12 @@ class EventServer:
             raise ProtocolError(protocol.UNEXPECTED, f"a member does not send {kind} frames")
 
     def _publish(self, connection, message):
-        topic = message["topic"]
-        session = message["session"]
-        if session not in connection.sessions:
-            # Several programs of one host share its certificate and name; the
-            # session tells them apart, so consumers learn which connection
-            # carries which session (a manager times out each program on its own).
-            if len(connection.sessions) >= self.limits.max_sessions:
-                connection.send(
-                    ProtocolError(
-                        protocol.LIMIT, f"at most {self.limits.max_sessions} sessions per connection", topic=topic
-                    ).frame()
-                )
-                return
-            connection.sessions.add(session)
-            self._deliver(
-                topics.CONNECTIONS,
-                self._event_frame(
-                    {"event": "session", "server": self.name, "member": connection.describe(), "session": session}
-                ),
-            )
+        topic, seq = message["topic"], message["seq"]
         try:
             topics.authorize_publish(connection.identity, topic, message["body"])
         except topics.ForbiddenError as reason:
             log.warning("refused publish of %s on %s: %s", connection, topic, reason)
-            connection.send(ProtocolError(protocol.FORBIDDEN, str(reason), topic=topic, seq=message["seq"]).frame())
+            connection.refuse(protocol.FORBIDDEN, str(reason), topic=topic, seq=seq)
             return
         try:
             frame = protocol.encode(
@@ -266,7 +251,7 @@ class EventServer:
                     "topic": topic,
                     "publisher": connection.identity.name,
                     "session": message["session"],
-                    "seq": message["seq"],
+                    "seq": seq,
                     "body": message["body"],
                 },
                 self.limits.max_frame_size + 1024,
@@ -275,31 +260,52 @@ class EventServer:
             raise ProtocolError(protocol.MALFORMED, "publish body holds text that is not valid Unicode") from None
         except FrameError:
             raise ProtocolError(protocol.OVERSIZED, "publish body grows beyond the maximum frame size") from None
+        if not self._track_session(connection, message["session"], topic):
+            return
         if message.get("retain"):
-            if topic not in connection.retained and len(connection.retained) >= self.limits.max_retained:
-                connection.send(
-                    ProtocolError(
-                        protocol.LIMIT,
-                        f"at most {self.limits.max_retained} retained topics per connection",
-                        topic=topic,
-                        seq=message["seq"],
-                    ).frame()
-                )
-            elif (
-                sum(map(len, connection.retained.values())) - len(connection.retained.get(topic, b"")) + len(frame)
-                > self.limits.max_retained_bytes
-            ):
-                connection.send(
-                    ProtocolError(
-                        protocol.LIMIT,
-                        f"at most {self.limits.max_retained_bytes} bytes retained per connection",
-                        topic=topic,
-                        seq=message["seq"],
-                    ).frame()
-                )
-            else:
-                connection.retained[topic] = frame
+            self._retain(connection, topic, seq, frame)
         self._deliver(topic, frame)
+
+    def _track_session(self, connection, session, topic):
+        """Announce a connection's new session; False when it may hold no more.
+
+        Several programs of one host share its certificate and name; the
+        session tells them apart, so consumers learn which connection carries
+        which session (a manager times out each program on its own).
+        """
+        if session in connection.sessions:
+            return True
+        if len(connection.sessions) >= self.limits.max_sessions:
+            connection.refuse(
+                protocol.LIMIT, f"at most {self.limits.max_sessions} sessions per connection", topic=topic
+            )
+            return False
+        connection.sessions.add(session)
+        event = {"event": "session", "server": self.name, "member": connection.describe(), "session": session}
+        self._deliver(topics.CONNECTIONS, self._event_frame(event))
+        return True
+
+    def _retain(self, connection, topic, seq, frame):
+        retained = connection.retained
+        if topic not in retained and len(retained) >= self.limits.max_retained:
+            connection.refuse(
+                protocol.LIMIT,
+                f"at most {self.limits.max_retained} retained topics per connection",
+                topic=topic,
+                seq=seq,
+            )
+        elif (
+            sum(map(len, retained.values())) - len(retained.get(topic, b"")) + len(frame)
+            > self.limits.max_retained_bytes
+        ):
+            connection.refuse(
+                protocol.LIMIT,
+                f"at most {self.limits.max_retained_bytes} bytes retained per connection",
+                topic=topic,
+                seq=seq,
+            )
+        else:
+            retained[topic] = frame
 
     def _deliver(self, topic, frame):
         subscribers = self.topics.get(topic)
@@ -312,11 +318,7 @@ class EventServer:
             if topic in connection.subscriptions:
                 continue
             if len(connection.subscriptions) >= self.limits.max_subscriptions:
-                connection.send(
-                    ProtocolError(
-                        protocol.LIMIT, f"at most {self.limits.max_subscriptions} subscriptions", topic=topic
-                    ).frame()
-                )
+                connection.refuse(protocol.LIMIT, f"at most {self.limits.max_subscriptions} subscriptions", topic=topic)
                 return
             connection.subscriptions.add(topic)
             self.topics[topic].add(connection)
