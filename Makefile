@@ -29,7 +29,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns clean
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns bench-lookup clean
 
 test: deps venv lint test-latest test-bookworm deb-test molecule
 
@@ -67,7 +67,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: bench-eventserver bench-membership bench-dns
+bench: bench-eventserver bench-membership bench-dns bench-lookup
 
 # On both stacks: the dev venv's releases and bookworm's packages.
 bench-eventserver: venv deps
@@ -79,6 +79,10 @@ bench-eventserver: venv deps
 bench-membership: venv deps
 	$(VENV)/bin/python bench/membership_bench.py
 	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/membership_bench.py
+
+bench-lookup: venv deps
+	$(VENV)/bin/python bench/lookup_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/lookup_bench.py
 
 bench-dns: venv deps
 	$(VENV)/bin/python bench/dns_bench.py
@@ -101,7 +105,7 @@ deb: deps
 deb-test: deb
 	bash tests/infra/deb-test.sh $(DEB_DIR)
 
-# The molecule cluster: 6 bookworm containers converged with playbooks/site.yml
+# The molecule cluster: 7 bookworm containers converged with playbooks/site.yml
 # and the packages of make deb, checked for idempotence, then verified
 # (molecule/cluster/tests). The CA lives in a fresh folder for each run.
 molecule: deb venv

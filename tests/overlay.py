@@ -42,11 +42,17 @@ class Overlay:
     def manager(self, name, address="127.0.1.1", **settings):
         return self.start(name, "thor.manager.main", "thor_manager", address, Manager=settings)
 
-    def node(self, name, roles, address, checks=None, **settings):
+    def node(self, name, roles, address, checks=None, lookup=None, **settings):
+        """Start thor-node; its lookup interface and account cache listen on address and free ports
+        (program.lookup, program.accounts)."""
         roles_text = roles if isinstance(roles, str) else ",".join(roles)
-        node = dict(settings)
+        node = {"accounts_listen": f"{address}:{processes.free_port(address)}", **settings}
         node["checks"] = checks if checks is not None else ", ".join(f"{r}=none" for r in roles_text.split(","))
-        return self.start(name, "thor.node.main", roles_text, address, Node=node)
+        lookup = {"listen": f"{address}:{processes.free_port(address)}", **(lookup or {})}
+        program = self.start(name, "thor.node.main", roles_text, address, Node=node, Lookup=lookup)
+        program.lookup = _endpoint(lookup["listen"])
+        program.accounts = _endpoint(node["accounts_listen"])
+        return program
 
     def observer(self, name="observer"):
         """An in-process member that only follows the network status."""
@@ -65,6 +71,11 @@ class Overlay:
             client.stop(flush_timeout=0)
         for program in [*self.programs.values(), *self.eventservers]:
             program.close()
+
+
+def _endpoint(text):
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 def wait_status(observer, predicate, timeout=10, message="network status"):

@@ -9,9 +9,9 @@ import sys
 from conftest import REPO, wait_for
 
 
-def free_port():
+def free_port(host="127.0.0.1"):
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 

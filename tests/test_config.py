@@ -140,6 +140,7 @@ def import_every_program():
         "thor.eventserver.config",
         "thor.manager.config",
         "thor.node.config",
+        "thor.lookup.config",
         "thor.database.config",
         "thor.dns.config",
     ):
@@ -177,13 +178,14 @@ def test_sample_documents_every_key_with_its_default():
 
 
 def test_sample_uncommented_is_a_valid_configuration(tmp_path):
-    """Uncommenting every default (and giving the required domain) yields a configuration that loads."""
+    """Uncommenting every default (and giving the required domain and password) yields a configuration that loads."""
     import_every_program()
 
     with open(SAMPLE) as stream:
         text = stream.read()
     text = re.sub(r"^;(\w+ = ?.*)$", r"\1", text, flags=re.MULTILINE)
     text = re.sub(r"^domain =$", "domain = sipthor.example.com", text, flags=re.MULTILINE)
+    text = re.sub(r"^password =$", "password = twelve-chars-at-least", text, flags=re.MULTILINE)
     path = write(tmp_path, text)
     loaded = load_config(path, *Section.registry.values())
     network = loaded[list(Section.registry).index("ThorNetwork")]

@@ -1,6 +1,7 @@
 """make demo, run as a check: the whole network forms on loopback and stops cleanly."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -26,4 +27,8 @@ def test_demo_network_forms_and_stops_cleanly():
     ):
         assert line in output
     assert "DNS _sip._udp.demo.sipthor.test SRV: ['10 10 5060 node" in output
+    asked = re.search(r"lookup sip_proxy for alice@demo.sipthor.test, asked of every node: \[(.*)\]", output)
+    answers = [answer.strip("' ") for answer in asked.group(1).split(",")]
+    assert len(answers) == 5 and len(set(answers)) == 1  # every node names the same owner
+    assert answers[0] in {"127.0.0.11", "127.0.0.12", "127.0.0.13"}
     assert "not stopped cleanly" not in result.stderr

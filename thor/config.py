@@ -14,7 +14,7 @@ ConfigError with one line naming file, section, key and what is expected.
 import configparser
 import os
 
-from thor.datatypes import Datatype, DomainName, EndpointList, Float, Path, String
+from thor.datatypes import Datatype, DomainName, EndpointList, Float, Integer, Path, String
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -146,6 +146,12 @@ class ThorNetworkConfig(Section):
     )
     discovery_interval = Setting(
         Float(1, 86400), "60", "Seconds between SRV lookups of the event servers (when discovered through DNS)."
+    )
+    ring_points = Setting(
+        Integer(1, 100000),
+        "4000",
+        "Virtual points each node owns on the lookup rings (docs/lookup-protocol.md). Must be the same "
+        "on every host of the network, or hosts disagree on who is responsible for a subscriber.",
     )
 
 

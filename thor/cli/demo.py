@@ -26,6 +26,7 @@ import dns.exception
 import dns.message
 import dns.query
 
+from thor.lookup.client import LookupClient, LookupClientError
 from thor.pki import CertificateAuthority
 
 DOMAIN = "demo.sipthor.test"
@@ -101,8 +102,9 @@ class Network:
         database = {"host": "127.0.0.5", "check": "no"}
         self.start(name, "thor.database.main", self.config(name, "thor_database", address, Database=database))
         for name, (address, roles) in NODES.items():
-            node = {"checks": ", ".join(f"{role}=none" for role in roles)}
-            self.start(name, "thor.node.main", self.config(name, roles, address, Node=node))
+            node = {"checks": ", ".join(f"{role}=none" for role in roles), "accounts_listen": f"{address}:9501"}
+            lookup = {"listen": f"{address}:9500"}  # each node on its own loopback address
+            self.start(name, "thor.node.main", self.config(name, roles, address, Node=node, Lookup=lookup))
         name, address, port = DNS
         dns = {"backend": "embedded", "listen": f"{address}:{port}"}
         self.start(name, "thor.dns.main", self.config(name, "thor_dnsmanager", address, DNS=dns))
@@ -168,6 +170,23 @@ def dns_answer(name, rdtype, timeout=10):
     return []
 
 
+def lookup_answers(key, timeout=10):
+    """Each node's answer to `lookup sip_proxy for key` (once all of them have a status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answers = []
+            for address, _ in NODES.values():
+                with LookupClient(address, 9500, timeout=2) as client:
+                    answers.append(client.lookup("sip_proxy", key))
+            if not any(answer.startswith("error ") for answer in answers) or time.monotonic() > deadline:
+                return answers
+        except LookupClientError:
+            if time.monotonic() > deadline:
+                return []
+        time.sleep(0.2)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="start, verify the status lists everyone, stop")
@@ -177,6 +196,7 @@ def main(argv=None):
     network = Network(directory, sys.executable)
     print(f"demo network {DOMAIN} in {directory} (configs, certificates, logs)")
     print(f"DNS: dig @{DNS[1]} -p {DNS[2]} _sip._udp.{DOMAIN} SRV")
+    print(f"lookup: thor --server {NODES['node1'][0]} lookup sip_proxy alice@{DOMAIN}  (every node, port 9500)")
     status = 0
     try:
         network.start_all()
@@ -192,7 +212,9 @@ def main(argv=None):
                 print(snapshot.stdout)
                 answer = dns_answer(f"_sip._udp.{DOMAIN}.", "SRV")
                 print(f"DNS _sip._udp.{DOMAIN} SRV: {answer}")
-                status = 0 if answer else 1
+                owners = lookup_answers(f"alice@{DOMAIN}")
+                print(f"lookup sip_proxy for alice@{DOMAIN}, asked of every node: {owners}")
+                status = 0 if answer and len(set(owners)) == 1 else 1
         elif sys.stdout.isatty():
             subprocess.run(network.monitor_command(), check=False)
         else:

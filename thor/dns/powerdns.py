@@ -13,9 +13,9 @@ import logging
 import os
 import time
 
-import gevent.socket
 import psycopg2
-import psycopg2.extensions
+
+from thor.pgsql import cooperative, one_line
 
 __all__ = ["PowerDNSError", "PowerDNSZone"]
 
@@ -54,23 +54,9 @@ def rows_for(records, answer_limit):
     return rows
 
 
-def _gevent_wait(connection, timeout=None):
-    """psycopg2 waits through gevent, so a slow database blocks only the greenlet that asked."""
-    while True:
-        state = connection.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        if state == psycopg2.extensions.POLL_READ:
-            gevent.socket.wait_read(connection.fileno(), timeout=timeout)
-        elif state == psycopg2.extensions.POLL_WRITE:
-            gevent.socket.wait_write(connection.fileno(), timeout=timeout)
-        else:
-            raise psycopg2.OperationalError(f"unexpected poll state {state}")
-
-
 class PowerDNSZone:
     def __init__(self, dsn, schema_path=None, connect_timeout=5):
-        psycopg2.extensions.set_wait_callback(_gevent_wait)
+        cooperative()
         self.dsn = dsn
         self.schema_path = schema_path
         self.connect_timeout = connect_timeout
@@ -114,7 +100,7 @@ class PowerDNSZone:
                 return self._apply(cursor, settings, records)
         except psycopg2.Error as error:
             self.close()
-            raise PowerDNSError(" ".join(str(error).split())) from None
+            raise PowerDNSError(one_line(error)) from None
 
     def _apply(self, cursor, settings, records):
         zone = _bare(settings.origin)

@@ -8,12 +8,17 @@ authenticated members.
 """
 
 __all__ = [
+    "ACCOUNTS_PREFIX",
+    "ACCOUNTS_WANTED",
     "CONNECTIONS",
     "LEAVE",
     "MEMBERS",
     "PRESENCE",
+    "PROVISIONING",
     "STATISTICS",
+    "USAGE",
     "ForbiddenError",
+    "accounts_topic",
     "authorize_publish",
 ]
 
@@ -23,6 +28,13 @@ MEMBERS = "Thor.Members"
 STATISTICS = "Thor.Statistics"
 # Published by each event server about the members connected to it.
 CONNECTIONS = "Thor.Connections"
+# Provisioning (docs/provisioning.md): NGNPro publishes every committed change; a
+# node asks for the accounts it owns and gets them on its own topic; nodes
+# report their usage.
+PROVISIONING = "Thor.Provisioning"
+ACCOUNTS_WANTED = "Thor.AccountsWanted"
+ACCOUNTS_PREFIX = "Thor.Accounts."
+USAGE = "Thor.Usage"
 
 RESERVED_PREFIX = "Thor."
 
@@ -45,7 +57,7 @@ def _own_entity(identity, body):
 
 def _own_name(identity, body):
     if not isinstance(body, dict) or body.get("name") != identity.name:
-        raise ForbiddenError(f"leave must carry the publisher's own name {identity.name!r}")
+        raise ForbiddenError(f"this must carry the publisher's own name {identity.name!r}")
 
 
 def _role(role):
@@ -66,12 +78,26 @@ RULES = {
     MEMBERS: _role("thor_manager"),
     STATISTICS: _role("media_relay"),
     CONNECTIONS: _nobody,
+    PROVISIONING: _role("provisioning_server"),
+    ACCOUNTS_WANTED: _own_name,
+    USAGE: _own_name,
 }
+# Topics named by a prefix and a member's name.
+PREFIX_RULES = {
+    ACCOUNTS_PREFIX: _role("provisioning_server"),
+}
+
+
+def accounts_topic(name):
+    """The topic on which a node receives the accounts it asked for."""
+    return ACCOUNTS_PREFIX + name
 
 
 def authorize_publish(identity, topic, body):
     """Raise ForbiddenError unless identity may publish body on topic."""
     rule = RULES.get(topic)
+    if rule is None:
+        rule = next((rule for prefix, rule in PREFIX_RULES.items() if topic.startswith(prefix)), None)
     if rule is not None:
         rule(identity, body)
     elif topic.startswith(RESERVED_PREFIX):

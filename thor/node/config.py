@@ -1,7 +1,7 @@
 """Configuration of thor-node: the [Node] section."""
 
 from thor.config import Section, Setting
-from thor.datatypes import Float, Integer, NameList
+from thor.datatypes import Endpoint, Float, Integer, NameList
 from thor.node.health import CheckList
 
 
@@ -25,3 +25,16 @@ class NodeConfig(Section):
     check_timeout = Setting(Float(0.05, 60), "1", "Seconds a service has to answer a health check.")
     failures = Setting(Integer(1, 100), "2", "Consecutive failed checks that withdraw a role.")
     successes = Setting(Integer(1, 100), "2", "Consecutive good checks that bring a withdrawn role back.")
+    accounts_listen = Setting(
+        Endpoint(9501),
+        "127.0.0.1:9501",
+        "Where local consumers (the SIP proxy) read the accounts this node is responsible for "
+        "(docs/provisioning.md). It serves digest hashes: keep it on loopback.",
+    )
+    account_reload_interval = Setting(
+        Float(1, 86400),
+        "300",
+        "Seconds between full reloads of the accounts this node owns (a change missed while no event "
+        "server was reachable is never missing for longer).",
+    )
+    usage_interval = Setting(Float(0.1, 3600), "10", "Seconds between the usage reports NGNPro collects.")

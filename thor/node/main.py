@@ -4,22 +4,31 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os
 import sys
+import time
 
 import gevent
 
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, run
+from thor.events.topics import USAGE
+from thor.lookup.config import LookupConfig
+from thor.lookup.server import LookupServer
+from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
+from thor.node.accounts import AccountCache
 from thor.node.config import NodeConfig
 from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch
 from thor.roles import INFRASTRUCTURE_ROLES
+from thor.transport.lines import LineServer
+from thor.transport.tls import format_address
 
 
 class NodeDaemon(MemberDaemon):
     program = "thor-node"
     description = "Joins this host's roles to the SIP Thor overlay and health-checks their local services."
-    sections = (ThorNetworkConfig, TLSConfig, NodeConfig)
+    sections = (ThorNetworkConfig, TLSConfig, NodeConfig, LookupConfig)
 
     def roles(self):
         settings = self.config[NodeConfig]
@@ -52,14 +61,69 @@ class NodeDaemon(MemberDaemon):
         return [role for role, health in self.health.items() if health.up]
 
     def setup(self):
+        lookup = self.config[LookupConfig]
+        self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
+        self.lookup_server = LookupServer(
+            lookup.listen,
+            lambda: self.rings.table,
+            max_connections=lookup.max_connections,
+            idle_timeout=lookup.idle_timeout,
+            max_line_length=lookup.max_line_length,
+        )
+        try:
+            self.lookup_server.start()
+        except OSError as problem:
+            where = format_address(lookup.listen)
+            raise StartupError(f"[Lookup] listen = {where}: {problem.strerror or problem}") from None
+        self.rings.start()
         settings = self.config[NodeConfig]
+        self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
+        self.accounts_server = LineServer(
+            settings.accounts_listen,
+            self.accounts.answer,
+            "account cache",
+            max_connections=100,
+            idle_timeout=lookup.idle_timeout,
+        )
+        try:
+            self.accounts_server.start()
+        except OSError as problem:
+            where = format_address(settings.accounts_listen)
+            raise StartupError(f"[Node] accounts_listen = {where}: {problem.strerror or problem}") from None
+        self.accounts.start()
         self._checkers = [
             gevent.spawn(watch, health, settings.check_interval, settings.check_timeout, self._health_changed)
             for health in self.health.values()
         ]
+        self._checkers.append(gevent.spawn(self._report_usage, settings.usage_interval))
 
     def teardown(self):
         gevent.killall(self._checkers, block=False)
+        self.lookup_server.stop()
+        self.accounts_server.stop()
+        self.accounts.stop()
+        self.rings.stop()
+
+    def _report_usage(self, interval):
+        """What this node does, for NGNPro's getStatistics (retained: a newcomer sees it at once)."""
+        started = time.time()
+        while True:
+            accounts, aliases = self.accounts.counts()
+            self.client.publish(
+                USAGE,
+                {
+                    "name": self.identity.name,
+                    "address": self.member.address,
+                    "uptime": round(time.time() - started, 1),
+                    "accounts": accounts,
+                    "aliases": aliases,
+                    "lookups": self.lookup_server.answered,
+                    "lookup_connections": self.lookup_server.connections,
+                    "load_average": os.getloadavg()[0],
+                },
+                retain=True,
+            )
+            gevent.sleep(interval)
 
     def _health_changed(self, health):
         if health.up:

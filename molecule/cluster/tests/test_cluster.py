@@ -17,9 +17,12 @@ import testinfra
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "tests"))
 from conftest import wait_for
 
+from thor.lookup.client import LookupClient
+
 DOMAIN = "molecule.sipthor.test"
 NETWORK = "thor-molecule"
-ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22"}
+ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22", "node3": "172.30.0.23"}
+NODES = set(ADDRESSES)
 PROGRAMS = {
     "thor1": {"thor-eventserver", "thor-manager"},
     "thor2": {"thor-eventserver", "thor-manager"},
@@ -27,6 +30,7 @@ PROGRAMS = {
     "ns1": {"pdns", "thor-dns", "thor-database"},
     "node1": {"thor-node"},
     "node2": {"thor-node"},
+    "node3": {"thor-node"},
 }
 
 
@@ -73,11 +77,11 @@ def test_supervisor_programs_running(name):
 
 
 def test_network_status_lists_every_host_with_its_roles():
-    current = status_where(lambda s: len(s["members"]) == 6, 60, "6 members")
+    current = status_where(lambda s: len(s["members"]) == 7, 60, "7 members")
     roles = current["roles"]
     assert roles["thor_eventserver"] == ["thor1", "thor2", "thor3"]
     assert roles["thor_manager"] == ["thor1", "thor2", "thor3"]
-    assert roles["sip_proxy"] == ["node1", "node2"]  # Kamailio answers their SIP checks
+    assert roles["sip_proxy"] == ["node1", "node2", "node3"]  # Kamailio answers their SIP checks
     assert roles["thor_dnsmanager"] == ["ns1"]
     assert roles["thor_database"] == ["ns1"]
     assert current["members"]["ns1"]["attributes"]["port"] == 5432
@@ -85,7 +89,7 @@ def test_network_status_lists_every_host_with_its_roles():
 
 
 def test_powerdns_answers_srv_and_a_for_live_sip_proxies():
-    wait_for(lambda: srv_targets() == {"node1", "node2"}, 30, message="SRV of both nodes")
+    wait_for(lambda: srv_targets() == NODES, 30, message="SRV of every node")
     assert dns_answer(f"node1.{DOMAIN}.", "A") == [ADDRESSES["node1"]]
     naptr = dns_answer(f"{DOMAIN}.", "NAPTR")
     assert any('"SIP+D2U"' in line for line in naptr)
@@ -96,11 +100,11 @@ def test_stopped_node_leaves_dns_and_comes_back():
     node2 = host("node2")
     assert node2.run("supervisorctl stop thor-node").rc == 0
     try:
-        wait_for(lambda: srv_targets() == {"node1"}, 10, message="node2 out of the SRV answers")
+        wait_for(lambda: srv_targets() == NODES - {"node2"}, 10, message="node2 out of the SRV answers")
         assert dns_answer(f"node2.{DOMAIN}.", "A") == []
     finally:
         assert node2.run("supervisorctl start thor-node").rc == 0
-    wait_for(lambda: srv_targets() == {"node1", "node2"}, 30, message="node2 back in DNS")
+    wait_for(lambda: srv_targets() == NODES, 30, message="node2 back in DNS")
 
 
 def test_node_cut_off_is_removed_and_returns_without_operator_action():
@@ -129,6 +133,46 @@ def test_active_manager_killed_another_takes_over():
     assert status()["manager"] == after["manager"]
 
 
+def owners_from(node, keys):
+    """Ask a node's lookup interface, from the controller, who owns each key (pipelined)."""
+    with LookupClient(ADDRESSES[node], 9500, timeout=10) as client:
+        return client.query(*(f"lookup sip_proxy for {key}" for key in keys))
+
+
+def lookup_version(node):
+    with LookupClient(ADDRESSES[node], 9500, timeout=10) as client:
+        return int(client.query("version")[0])
+
+
+def test_nodes_agree_on_owners_and_only_a_stopped_nodes_keys_move():
+    keys = [f"subscriber{index}@{DOMAIN}" for index in range(500)]
+    current = status_where(lambda s: s["roles"].get("sip_proxy") == sorted(NODES), 60, "3 sip_proxy nodes")
+    for node in NODES:
+        wait_for(lambda n=node: lookup_version(n) >= current["version"], 10, message=f"{node} on the status")
+    before = {node: owners_from(node, keys) for node in sorted(NODES)}
+    assert before["node1"] == before["node2"] == before["node3"]
+    assert set(before["node1"]) == set(ADDRESSES.values())
+    # The command-line client on a node gives the same answer.
+    result = host("node2").run(f"thor --json lookup sip_proxy sip:{keys[0]}")
+    assert result.rc == 0 and json.loads(result.stdout)["node"] == before["node1"][0], result.stderr
+
+    node3 = host("node3")
+    assert node3.run("supervisorctl stop thor-node").rc == 0
+    try:
+        stopped = status_where(lambda s: "node3" not in s["members"], 10, "node3 gone")
+        for node in ("node1", "node2"):
+            wait_for(lambda n=node: lookup_version(n) >= stopped["version"], 10, message=f"{node} follows")
+        after = owners_from("node1", keys)
+        assert after == owners_from("node2", keys)
+        moved = [old != new for old, new in zip(before["node1"], after, strict=True)]
+        owned_by_node3 = [old == ADDRESSES["node3"] for old in before["node1"]]
+        assert moved == owned_by_node3  # node3's keys moved, and only those
+        assert any(moved)
+    finally:
+        assert node3.run("supervisorctl start thor-node").rc == 0
+    status_where(lambda s: s["roles"].get("sip_proxy") == sorted(NODES), 30, "node3 back")
+
+
 def test_certificate_revoked_through_the_playbook_is_refused():
     inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
     project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
@@ -154,4 +198,4 @@ def test_certificate_revoked_through_the_playbook_is_refused():
         30,
         message="the event server refusing node2",
     )
-    assert srv_targets() == {"node1"}
+    assert srv_targets() == NODES - {"node2"}

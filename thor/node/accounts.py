@@ -1,0 +1,208 @@
+"""The accounts a sip_proxy node is responsible for, cached from NGNPro (docs/provisioning.md).
+
+- Every committed change arrives on Thor.Provisioning; the node keeps those
+  whose key it owns on its sip_proxy ring (per key, the highest seq wins; a
+  deletion stays as a tombstone until the next complete load).
+- When the ring changes, the node drops the keys it no longer owns and, when
+  it may own more (a member left, or it joined), asks for its accounts
+  (Thor.AccountsWanted). The active NGNPro answers on the node's own topic
+  Thor.Accounts.<name> with every account and alias it owns, in parts, read
+  in one database snapshot. Entries older than the request that the answer
+  does not list were deleted meanwhile and go.
+- It also asks when it reconnects to the event servers and every
+  reload_interval seconds, so a change it missed (no event server reachable
+  when it was published) is never missing for long.
+
+Local consumers (the SIP proxy) read the cache through AccountCache.answer,
+served on [Node] accounts_listen (loopback by default: it holds digest hashes).
+"""
+
+import itertools
+import json
+import logging
+
+import gevent
+from gevent.event import Event
+
+from thor.events.topics import ACCOUNTS_WANTED, PROVISIONING, accounts_topic
+from thor.lookup.ring import InvalidKeyError, normalize_key
+from thor.transport.lines import error
+
+__all__ = ["AccountCache"]
+
+log = logging.getLogger("thor.node")
+
+ROLE = "sip_proxy"
+KINDS = ("account", "alias")
+
+
+class Entry:
+    __slots__ = ("data", "kind", "seq", "stamp")
+
+    def __init__(self, kind, seq, data, stamp):
+        self.kind, self.seq, self.data, self.stamp = kind, seq, data, stamp
+
+
+class AccountCache:
+    def __init__(self, member, rings, reload_interval=300.0, request_timeout=15.0):
+        self.member = member
+        self.rings = rings
+        self.reload_interval = reload_interval
+        self.request_timeout = request_timeout
+        self.entries = {}
+        self.loads = 0
+        self._stamps = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._pending = None  # the load in progress: (request id, stamp when asked, next part, keys seen)
+        self._wanted = Event()
+        self._loaded = Event()
+        self._workers = []
+
+    def start(self):
+        client = self.member.client
+        client.subscribe(PROVISIONING, self._on_changes)
+        client.subscribe(accounts_topic(self.member.name), self._on_load)
+        client.on_connect(lambda link: self._want())
+        self.rings.on_change(self._ring_changed)
+        self._workers = [gevent.spawn(self._loader), gevent.spawn(self._periodic)]
+
+    def stop(self):
+        gevent.killall(self._workers, block=False)
+
+    # Ownership
+
+    def _owns(self, key, table=None):
+        ring = (table or self.rings.table).ring(ROLE)
+        return ring is not None and ring.owner(key) == self.member.address
+
+    def _ring_changed(self, old, new):
+        lost = [key for key in self.entries if not self._owns(key, new)]
+        for key in lost:
+            del self.entries[key]
+        old_members, new_members = set(old.members(ROLE)), set(new.members(ROLE))
+        if self.member.address in new_members and (old_members - new_members or self.member.address not in old_members):
+            self._want()
+        if lost:
+            log.info("ring of status %s: dropped %d entries this node no longer owns", new.version, len(lost))
+
+    # Changes
+
+    def _apply(self, record):
+        """Keep record if this node owns its key and it is newer than what is cached; the key or None."""
+        if not isinstance(record, dict):
+            return None
+        kind, key, seq, data = record.get("kind"), record.get("key"), record.get("seq"), record.get("data")
+        if kind not in KINDS or not isinstance(key, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            return None
+        if data is not None and not isinstance(data, dict):
+            return None
+        if not self._owns(key):
+            return None
+        current = self.entries.get(key)
+        if current is None or current.seq < seq:
+            self.entries[key] = Entry(kind, seq, data, next(self._stamps))
+        return key
+
+    def _on_changes(self, message):
+        changes = message.body.get("changes") if isinstance(message.body, dict) else None
+        if not isinstance(changes, list):
+            log.warning("ignoring a malformed Thor.Provisioning message from %s", message.publisher)
+            return
+        for record in changes:
+            self._apply(record)
+
+    # Loads
+
+    def _want(self):
+        self._wanted.set()
+
+    def _periodic(self):
+        while True:
+            gevent.sleep(self.reload_interval)
+            self._want()
+
+    def _loader(self):
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while self.rings.table.ring(ROLE) is not None and self._owns_something():
+                request = f"{self.member.name}-{next(self._requests)}"
+                self._pending = (request, next(self._stamps), 0, set())
+                self._loaded.clear()
+                self.member.client.publish(
+                    ACCOUNTS_WANTED,
+                    {
+                        "name": self.member.name,
+                        "address": self.member.address,
+                        "request": request,
+                        "ring": self.rings.table.version,
+                    },
+                )
+                if self._loaded.wait(self.request_timeout):
+                    break
+                log.warning("account request %s: no answer in %ss; asking again", request, self.request_timeout)
+                self._pending = None
+
+    def _owns_something(self):
+        return self.member.address in self.rings.table.members(ROLE)
+
+    def _on_load(self, message):
+        body = message.body
+        if self._pending is None or not isinstance(body, dict) or body.get("request") != self._pending[0]:
+            return  # an answer to an older request
+        request, asked, expected_part, seen = self._pending
+        records = body.get("records")
+        if body.get("part") != expected_part or not isinstance(records, list):
+            log.warning("account request %s: part %r out of order; asking again", request, body.get("part"))
+            self._pending = None
+            self._want()
+            return
+        for record in records:
+            key = self._apply(record)
+            if key is not None:
+                seen.add(key)
+        self._pending = (request, asked, expected_part + 1, seen)
+        if body.get("last") is True:
+            # Whatever was cached before we asked and is not in the answer was deleted meanwhile;
+            # tombstones from before the request have done their job.
+            stale = [
+                key
+                for key, entry in self.entries.items()
+                if entry.stamp < asked and (key not in seen or entry.data is None)
+            ]
+            for key in stale:
+                del self.entries[key]
+            self._pending = None
+            self.loads += 1
+            self._loaded.set()
+            log.info("account request %s: %d entries owned, %d dropped", request, len(seen), len(stale))
+
+    # What local consumers ask
+
+    def counts(self):
+        accounts = sum(1 for entry in self.entries.values() if entry.kind == "account" and entry.data is not None)
+        aliases = sum(1 for entry in self.entries.values() if entry.kind == "alias" and entry.data is not None)
+        return accounts, aliases
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        return None if entry is None or entry.data is None else entry
+
+    def answer(self, line):
+        """account USER@DOMAIN -> the account or alias this node owns, as JSON with its kind
+        (an alias names its target, which may live on another node), or none;
+        count -> "accounts N aliases M"."""
+        words = line.split()
+        command = words[0].lower() if words else ""
+        if command == "count" and len(words) == 1:
+            return "accounts {} aliases {}".format(*self.counts())
+        if command != "account" or len(words) != 2:
+            return error("syntax", "expected: account USER@DOMAIN, or count")
+        try:
+            key = normalize_key(words[1])
+        except InvalidKeyError as problem:
+            return error("bad-key", str(problem))
+        entry = self.get(key)
+        if entry is None:
+            return "none"
+        return json.dumps({**entry.data, "kind": entry.kind}, sort_keys=True, separators=(",", ":"))
