@@ -20,7 +20,7 @@ VENV_STAMP := $(VENV)/.installed
 # PostgreSQL and PowerDNS that thor-dns is tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
-	python3-pytest python3-hypothesis \
+	python3-spyne python3-zeep python3-pytest python3-hypothesis \
 	kamailio postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
@@ -29,7 +29,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns bench-lookup clean
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns bench-lookup bench-ngnpro clean
 
 test: deps venv lint test-latest test-bookworm deb-test molecule
 
@@ -67,7 +67,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: bench-eventserver bench-membership bench-dns bench-lookup
+bench: bench-eventserver bench-membership bench-dns bench-lookup bench-ngnpro
 
 # On both stacks: the dev venv's releases and bookworm's packages.
 bench-eventserver: venv deps
@@ -79,6 +79,10 @@ bench-eventserver: venv deps
 bench-membership: venv deps
 	$(VENV)/bin/python bench/membership_bench.py
 	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/membership_bench.py
+
+bench-ngnpro: venv deps
+	$(VENV)/bin/python bench/ngnpro_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/ngnpro_bench.py
 
 bench-lookup: venv deps
 	$(VENV)/bin/python bench/lookup_bench.py

@@ -141,6 +141,7 @@ def import_every_program():
         "thor.manager.config",
         "thor.node.config",
         "thor.lookup.config",
+        "thor.ngnpro.config",
         "thor.database.config",
         "thor.dns.config",
     ):

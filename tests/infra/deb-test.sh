@@ -19,7 +19,7 @@ docker run --rm --init \
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends $deps >/tmp/apt.log 2>&1 || { tail -30 /tmp/apt.log; exit 1; }
         # Installing starts nothing; thor-common made the user and the TLS folder.
-        if pgrep -f '^/usr/bin/python3 /usr/bin/thor-'; then echo 'a package started a daemon'; exit 1; fi
+        if pgrep -f '^/usr/bin/python3 /usr/bin/(thor-|ngnpro)'; then echo 'a package started a daemon'; exit 1; fi
         getent passwd thor >/dev/null
         test \"\$(stat -c '%a %U:%G' /etc/thor/tls)\" = '750 root:thor'
         python3 -c 'import gevent, cryptography, dns.version; print(\"bookworm stack: gevent\", gevent.__version__, \"cryptography\", cryptography.__version__, \"dnspython\", dns.version.version)'

@@ -33,6 +33,7 @@ __all__ = ["AccountCache"]
 log = logging.getLogger("thor.node")
 
 ROLE = "sip_proxy"
+PROVIDER = "provisioning_server"
 KINDS = ("account", "alias")
 
 
@@ -80,7 +81,11 @@ class AccountCache:
         for key in lost:
             del self.entries[key]
         old_members, new_members = set(old.members(ROLE)), set(new.members(ROLE))
-        if self.member.address in new_members and (old_members - new_members or self.member.address not in old_members):
+        if self.member.address in new_members and (
+            old_members - new_members
+            or self.member.address not in old_members
+            or (new.members(PROVIDER) and not old.members(PROVIDER))  # NGNPro (re)appeared
+        ):
             self._want()
         if lost:
             log.info("ring of status %s: dropped %d entries this node no longer owns", new.version, len(lost))
@@ -144,7 +149,9 @@ class AccountCache:
                 self._pending = None
 
     def _owns_something(self):
-        return self.member.address in self.rings.table.members(ROLE)
+        # Nothing to ask for without a live NGNPro; its arrival triggers a request (_ring_changed).
+        table = self.rings.table
+        return self.member.address in table.members(ROLE) and bool(table.members(PROVIDER))
 
     def _on_load(self, message):
         body = message.body

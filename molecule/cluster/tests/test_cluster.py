@@ -11,7 +11,11 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import testinfra
+import zeep
+import zeep.exceptions
+import zeep.transports
 
 # The project's own test helpers (wait_for: poll a condition with a deadline).
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "tests"))
@@ -25,7 +29,7 @@ ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22", "node3": "172.30.0.
 NODES = set(ADDRESSES)
 PROGRAMS = {
     "thor1": {"thor-eventserver", "thor-manager"},
-    "thor2": {"thor-eventserver", "thor-manager"},
+    "thor2": {"thor-eventserver", "thor-manager", "ngnpro"},
     "thor3": {"thor-eventserver", "thor-manager"},
     "ns1": {"pdns", "thor-dns", "thor-database"},
     "node1": {"thor-node"},
@@ -171,6 +175,58 @@ def test_nodes_agree_on_owners_and_only_a_stopped_nodes_keys_move():
     finally:
         assert node3.run("supervisorctl start thor-node").rc == 0
     status_where(lambda s: s["roles"].get("sip_proxy") == sorted(NODES), 30, "node3 back")
+
+
+def cached_on(node, key):
+    """What a node's account cache (loopback only) answers for key."""
+    script = (
+        f"from thor.lookup.client import LookupClient; print(LookupClient('127.0.0.1', 9501).query('account {key}')[0])"
+    )
+    result = host(node).run(f"python3 -c {shlex.quote(script)}")
+    assert result.rc == 0, result.stderr
+    return None if result.stdout.strip() == "none" else json.loads(result.stdout)
+
+
+def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
+    session = requests.Session()
+    session.verify = os.path.join(os.environ["THOR_MOLECULE_PKI"], "ca.crt")
+    session.trust_env = False
+    url = "https://172.30.0.12:9200/ngnpro/wsdl"
+    wait_for(lambda: _serves(session, url), 60, interval=0.5, message="ngnpro serving its WSDL")
+    client = zeep.Client(url, transport=zeep.transports.Transport(session=session))
+    login = client.get_element("{urn:AGProjects:NGNPro}Login")(username="admin", password="molecule-only-password")
+    sip = client.bind("SipPort", "SipPort")
+    wait_for(lambda: _provisioned(sip, login), 60, interval=1, message="the domain added (database reachable)")
+    keys = [f"user{index}@{DOMAIN}" for index in range(20)]
+    for key in keys:
+        account = {"id": {"username": key.split("@")[0], "domain": DOMAIN}, "password": "molecule-password"}
+        sip.addAccount(account, _soapheaders=[login])
+    with LookupClient(ADDRESSES["node1"], 9500, timeout=10) as lookup:
+        owners = lookup.query(*(f"lookup sip_proxy for {key}" for key in keys))
+    by_address = {address: node for node, address in ADDRESSES.items()}
+    for key, address in zip(keys, owners, strict=True):
+        owner = by_address[address]
+        wait_for(lambda k=key, o=owner: cached_on(o, k), 20, interval=0.5, message=f"{key} cached on {owner}")
+        assert all(cached_on(node, key) is None for node in ADDRESSES if node != owner)
+    statistics = client.bind("NetworkPort", "NetworkPort").getStatistics(_soapheaders=[login])
+    assert {node.name for node in statistics} == set(ADDRESSES)
+
+
+def _serves(session, url):
+    try:
+        return session.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _provisioned(sip, login):
+    try:
+        sip.addDomain(DOMAIN, _soapheaders=[login])
+    except zeep.exceptions.Fault as fault:
+        if "DatabaseUnavailable" in (fault.code or ""):
+            return False
+        raise
+    return True
 
 
 def test_certificate_revoked_through_the_playbook_is_refused():

@@ -1,0 +1,120 @@
+"""NGNPro benchmark: provisioning operations per second over SOAP/HTTPS, and how soon a change is cached.
+
+A network on loopback: PostgreSQL 15 (fsync off: the figures are NGNPro's,
+not the disk's), 1 event server, 1 manager, thor-database, ngnpro and 3
+sip_proxy nodes. zeep clients in threads (the way provisioning clients call)
+run addAccount, getAccount and changePassword; each figure is the median of
+3 runs. Then 200 single changes: the time from the call's return until the
+owner node's cache answers the new ha1.
+
+Run: python bench/ngnpro_bench.py [--operations N]  (needs PostgreSQL, as make test installs)
+"""
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from common import machine, median, percentile, temporary_directory
+from conftest import ScratchPKI
+from pdns import PostgreSQL
+from test_ngnpro import DOMAIN, Network, account, cached, ha1, node_at, owner
+
+from thor.lookup.client import LookupClient
+
+
+def run_threads(clients, operation, count):
+    """count calls of operation(client, index) spread over the clients' threads; calls per second."""
+    errors = []
+
+    def work(worker):
+        for index in range(worker, count, len(clients)):
+            try:
+                operation(clients[worker], index)
+            except Exception as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(len(clients))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed calls, e.g. {errors[0]}")
+    return count / elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--operations", type=int, default=1000)
+    options = parser.parse_args()
+    print(f"machine: {machine()}")
+    with temporary_directory() as directory:
+        postgresql = PostgreSQL()
+        network = None
+        try:
+            network = Network(directory, ScratchPKI(os.path.join(directory, "pki")), postgresql)
+            network.start_nodes("node1", "node2", "node3")
+            network.client().addDomain(DOMAIN)
+            count = options.operations
+            for threads in (1, 4, 8):
+                clients = [network.client() for _ in range(threads)]
+                rates = {"addAccount": [], "getAccount": [], "changePassword": []}
+                for run in range(3):
+                    prefix = f"t{threads}r{run}u"
+                    rates["addAccount"].append(
+                        run_threads(clients, lambda c, i, p=prefix: c.addAccount(account(f"{p}{i}")), count)
+                    )
+                    rates["getAccount"].append(
+                        run_threads(
+                            clients,
+                            lambda c, i, p=prefix: c.getAccount({"username": f"{p}{i}", "domain": DOMAIN}),
+                            count,
+                        )
+                    )
+                    rates["changePassword"].append(
+                        run_threads(
+                            clients,
+                            lambda c, i, p=prefix: c.changePassword(
+                                {"username": f"{p}{i}", "domain": DOMAIN}, f"new-password-{i}"
+                            ),
+                            count,
+                        )
+                    )
+                print(
+                    f"{threads} client thread(s), {count} calls per run: "
+                    + ", ".join(f"{name} {median(values):,.0f}/s" for name, values in rates.items())
+                )
+            soap = network.client()
+            delays = []
+            for index in range(200):
+                username = f"visible{index}"
+                key = f"{username}@{DOMAIN}"
+                home = node_at(network, owner(network, key))
+                soap.addAccount(account(username))
+                returned = time.perf_counter()
+                with LookupClient(*home.accounts) as client:
+                    while client.query(f"account {key}")[0] == "none":
+                        if time.perf_counter() - returned > 5:
+                            raise RuntimeError(f"{key} not cached within 5 s")
+                delays.append((time.perf_counter() - returned) * 1000)
+            assert cached(home, key)["ha1"] == ha1(username, "a-good-password")
+            print(
+                f"call returned -> owner's cache has it, 200 accounts: p50 {median(delays):.1f} ms, "
+                f"p99 {percentile(delays, 0.99):.1f} ms"
+            )
+        finally:
+            if network is not None:
+                network.close()
+            postgresql.remove()
+
+
+if __name__ == "__main__":
+    main()

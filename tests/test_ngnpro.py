@@ -1,0 +1,379 @@
+"""NGNPro with zeep as the SOAP client: a real PostgreSQL found through thor-database, real nodes."""
+
+import contextlib
+import hashlib
+import json
+import socket
+import threading
+import time
+
+import psycopg2
+import pytest
+import requests
+import zeep
+import zeep.exceptions
+import zeep.transports
+from conftest import wait_for
+from overlay import Overlay, wait_status
+from pdns import PostgreSQL
+from processes import free_port
+
+from thor.events.topics import ForbiddenError, authorize_publish
+from thor.lookup.client import LookupClient
+from thor.lookup.table import LookupTable
+from thor.transport.tls import PeerIdentity
+
+DOMAIN = "example.com"
+PASSWORD = "provisioning-secret"
+NGNPRO_ADDRESS = "127.0.4.1"
+NODE_ADDRESSES = {f"node{index}": f"127.0.4.{10 + index}" for index in range(1, 6)}
+
+
+class Network:
+    """PostgreSQL, 2 event servers, a manager, thor-database, ngnpro and sip_proxy nodes."""
+
+    def __init__(self, directory, pki, postgresql):
+        self.overlay = Overlay(directory, pki)
+        self.postgresql = postgresql
+        self.pki = pki
+        postgresql.create_database("thor")
+        self.overlay.start_eventservers(2)
+        self.overlay.manager("manager1")
+        self.overlay.start(
+            "database1",
+            "thor.database.main",
+            "thor_database",
+            "127.0.4.2",
+            Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
+        )
+        self.port = free_port(NGNPRO_ADDRESS)
+        self.ngnpro = self.start_ngnpro("ngnpro1", NGNPRO_ADDRESS, self.port)
+        self.observer = self.overlay.observer()
+        self.nodes = {}
+        self.status(lambda s: {"database1", "ngnpro1"} <= set(s.members), "the database and ngnpro announced")
+
+    def start_ngnpro(self, name, address, port):
+        return self.overlay.start(
+            name,
+            "thor.ngnpro.main",
+            "provisioning_server",
+            address,
+            NGNPro={"listen": f"{address}:{port}", "password": PASSWORD, "database_user": "postgres"},
+        )
+
+    def start_node(self, name):
+        self.nodes[name] = self.overlay.node(name, "sip_proxy", NODE_ADDRESSES[name], usage_interval=0.5)
+        return self.nodes[name]
+
+    def start_nodes(self, *names):
+        """Start nodes and wait until the status lists them as sip_proxy members."""
+        for name in names:
+            self.start_node(name)
+        wanted = {NODE_ADDRESSES[name] for name in names}
+        self.status(lambda s: wanted <= set(s.addresses("sip_proxy")), f"{', '.join(names)} in the status")
+
+    def stop_node(self, name):
+        self.nodes.pop(name).stop()
+
+    def client(self, address=NGNPRO_ADDRESS, port=None):
+        session = requests.Session()
+        session.verify = self.pki.ca.ca_certificate_path
+        session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
+        transport = zeep.transports.Transport(session=session, timeout=30, operation_timeout=30)
+        url = f"https://{address}:{port or self.port}/ngnpro/wsdl"
+        wait_for(lambda: _answers(session, url), timeout=20, message="ngnpro serving its WSDL")
+        soap = Soap(zeep.Client(url, transport=transport))
+        wait_for(lambda: _database_ready(soap), timeout=20, message="ngnpro reaching the database")
+        return soap
+
+    def status(self, predicate, message):
+        return wait_status(self.observer, predicate, timeout=20, message=message)
+
+    def close(self):
+        self.overlay.close()
+
+
+def _answers(session, url):
+    try:
+        return session.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _database_ready(soap):
+    try:
+        soap.getDomains()
+    except zeep.exceptions.Fault as fault:
+        if fault.code and fault.code.endswith("DatabaseUnavailable"):
+            return False
+        raise
+    return True
+
+
+class Soap:
+    """Both ports of one zeep client, each call with the Login header."""
+
+    def __init__(self, client, username="admin", password=PASSWORD):
+        self.client = client
+        self.sip = client.bind("SipPort", "SipPort")
+        self.network = client.bind("NetworkPort", "NetworkPort")
+        login = client.get_element("{urn:AGProjects:NGNPro}Login")
+        self.header = login(username=username, password=password)
+
+    def __getattr__(self, operation):
+        port = self.network if operation in ("getStatus", "getStatistics") else self.sip
+
+        def call(*args, **kwargs):
+            return getattr(port, operation)(*args, **kwargs, _soapheaders=[self.header])
+
+        return call
+
+
+@pytest.fixture
+def postgresql():
+    database = PostgreSQL()
+    yield database
+    database.remove()
+
+
+@pytest.fixture
+def network(tmp_path, pki, postgresql):
+    built = Network(str(tmp_path), pki, postgresql)
+    yield built
+    built.close()
+
+
+def fault_code(call, *args):
+    with pytest.raises(zeep.exceptions.Fault) as fault:
+        call(*args)
+    return fault.value.code.split(":")[-1] if fault.value.code else None
+
+
+def account(username, password="a-good-password", **fields):
+    return {"id": {"username": username, "domain": DOMAIN}, "password": password, **fields}
+
+
+def ha1(username, password, domain=DOMAIN):
+    return hashlib.md5(f"{username}:{domain}:{password}".encode()).hexdigest()
+
+
+def cached(node, key):
+    """What a node's account cache answers for key (None: it does not hold it)."""
+    with LookupClient(*node.accounts) as client:
+        (line,) = client.query(f"account {key}")
+    return None if line == "none" else json.loads(line)
+
+
+def owner(network, key):
+    return LookupTable.from_status(network.observer.status.status).lookup("sip_proxy", key)
+
+
+def node_at(network, address):
+    return next(node for name, node in network.nodes.items() if NODE_ADDRESSES[name] == address)
+
+
+def test_the_wsdl_has_both_ports_and_calls_need_the_login(network):
+    soap = network.client()
+    services = {service.name: service for service in soap.client.wsdl.services.values()}
+    assert set(services) == {"SipPort", "NetworkPort"}
+    operations = set(services["SipPort"].ports["SipPort"].binding._operations)
+    assert {"addAccount", "updateAccount", "deleteAccount", "getAccount", "getAccounts", "addDomain"} <= operations
+    assert {"getStatus", "getStatistics"} == set(services["NetworkPort"].ports["NetworkPort"].binding._operations)
+    # Plain text on the HTTPS port, and a path that is not the API: one log line, a 404, no harm.
+    with socket.create_connection((NGNPRO_ADDRESS, network.port), timeout=5) as garbage:
+        garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+        with contextlib.suppress(OSError):  # closed or reset: either way refused
+            garbage.recv(1024)
+    session = requests.Session()
+    session.verify, session.trust_env = network.pki.ca.ca_certificate_path, False
+    assert session.get(f"https://{NGNPRO_ADDRESS}:{network.port}/other", timeout=5).status_code == 404
+    network.ngnpro.wait_log("TLS handshake failed")
+    assert "Traceback" not in network.ngnpro.log()
+    intruder = Soap(soap.client, password="wrong-password")
+    assert fault_code(intruder.getDomains) == "Client.Unauthorized"
+    assert soap.getDomains() in (None, [])
+
+
+def test_domains_accounts_and_aliases_with_clear_faults(network):
+    network.start_node("node1")
+    soap = network.client()
+    assert fault_code(soap.addAccount, account("alice")) == "Client.NotFound"  # no domain yet
+    soap.addDomain(DOMAIN)
+    assert fault_code(soap.addDomain, DOMAIN) == "Client.Conflict"
+    assert fault_code(soap.addDomain, "not a domain") == "Client.InvalidInput"
+    soap.addAccount(account("alice", firstName="Alice", email="alice@example.org"))
+    # Committed before acknowledged: the row is there the moment the call returns.
+    with psycopg2.connect(network.postgresql.dsn("thor")) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT ha1 FROM ngnpro_accounts WHERE username = 'alice'")
+        assert cursor.fetchone() == (ha1("alice", "a-good-password"),)
+    assert fault_code(soap.addAccount, account("alice")) == "Client.Conflict"
+    assert fault_code(soap.addAccount, account("bob", password="short")) == "Client.InvalidInput"
+    assert fault_code(soap.addAccount, account("Bad Name")) == "Client.InvalidInput"
+    got = soap.getAccount({"username": "alice", "domain": DOMAIN})
+    assert (got.firstName, got.email, got.enabled, got.password) == ("Alice", "alice@example.org", True, None)
+    assert got.ha1 == ha1("alice", "a-good-password")
+    soap.updateAccount({"id": {"username": "alice", "domain": DOMAIN}, "lastName": "Liddell", "enabled": False})
+    got = soap.getAccount({"username": "alice", "domain": DOMAIN})
+    assert (got.firstName, got.lastName, got.enabled) == ("Alice", "Liddell", False)
+    soap.changePassword({"username": "alice", "domain": DOMAIN}, "another-password")
+    assert soap.getAccount({"username": "alice", "domain": DOMAIN}).ha1 == ha1("alice", "another-password")
+    soap.addAccount(account("bob"))
+    assert [a.id.username for a in soap.getAccounts(DOMAIN, 10, 0)] == ["alice", "bob"]
+    soap.addAlias({"id": {"username": "ally", "domain": DOMAIN}, "target": {"username": "alice", "domain": DOMAIN}})
+    assert fault_code(soap.addAccount, account("ally")) == "Client.Conflict"  # the name is an alias
+    assert [alias.username for alias in soap.getAliases({"username": "alice", "domain": DOMAIN})] == ["ally"]
+    assert fault_code(soap.deleteDomain, DOMAIN) == "Client.Conflict"
+    soap.deleteAccount({"username": "alice", "domain": DOMAIN})  # takes its alias along
+    assert fault_code(soap.getAccount, {"username": "alice", "domain": DOMAIN}) == "Client.NotFound"
+    assert soap.getAliases({"username": "alice", "domain": DOMAIN}) in (None, [])
+    soap.deleteAccount({"username": "bob", "domain": DOMAIN})
+    soap.deleteDomain(DOMAIN)
+    assert soap.getDomains() in (None, [])
+
+
+def test_each_change_reaches_the_responsible_node_only(network):
+    network.start_nodes("node1", "node2", "node3")
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    keys = [f"user{index}@{DOMAIN}" for index in range(30)]
+    for key in keys:
+        soap.addAccount(account(key.split("@")[0]))
+    for key in keys:
+        home = node_at(network, owner(network, key))
+        wait_for(lambda k=key, n=home: cached(n, k), timeout=10, message=f"{key} cached on its owner")
+        others = [node for node in network.nodes.values() if node is not home]
+        assert all(cached(node, key) is None for node in others)
+    key = keys[0]
+    home = node_at(network, owner(network, key))
+    soap.changePassword({"username": "user0", "domain": DOMAIN}, "changed-password")
+    wait_for(lambda: cached(home, key)["ha1"] == ha1("user0", "changed-password"), message="new ha1 cached")
+    soap.deleteAccount({"username": "user0", "domain": DOMAIN})
+    wait_for(lambda: cached(home, key) is None, message="deletion reaches the owner")
+
+
+def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    network.postgresql.stop()
+    try:
+        assert fault_code(soap.addAccount, account("carol")) == "Server.DatabaseUnavailable"
+    finally:
+        network.postgresql.start()
+    wait_for(lambda: _added(soap, "carol"), timeout=20, message="provisioning again once PostgreSQL is back")
+    assert network.ngnpro.process.poll() is None
+
+
+def _added(soap, username):
+    try:
+        soap.addAccount(account(username))
+    except zeep.exceptions.Fault as fault:
+        if fault.code and fault.code.endswith("DatabaseUnavailable"):
+            return False
+        raise
+    return True
+
+
+def test_status_and_usage_statistics_from_the_nodes(network):
+    network.start_nodes("node1", "node2")
+    soap = network.client()
+    status = soap.getStatus()
+    assert status.version >= 1 and status.manager == "manager1"
+    names = {member.name for member in status.members.Member}
+    assert {"manager1", "database1", "ngnpro1", "node1", "node2"} <= names
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("dave"))
+    home = owner(network, f"dave@{DOMAIN}")
+
+    def reported():
+        statistics = {node.name: node for node in soap.getStatistics() or []}
+        if set(statistics) != {"node1", "node2"}:
+            return None
+        return statistics if sum(node.accounts for node in statistics.values()) == 1 else None
+
+    statistics = wait_for(reported, timeout=30, interval=0.5, message="usage of both nodes")
+    assert {node.address: node.accounts for node in statistics.values()}[home] == 1
+
+
+def test_10000_accounts_while_nodes_join_and_leave(network):
+    """Every account readable from its current owner, none lost, none stale."""
+    network.start_nodes("node1", "node2", "node3")
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    total = 10000
+    passwords = {}
+    errors = []
+    progress = [0]
+
+    clients = [network.client() for _ in range(8)]
+
+    def provision(worker, workers):
+        client = clients[worker]
+        for index in range(worker, total, workers):
+            username = f"sub{index}"
+            try:
+                client.addAccount(account(username, password=f"password-{index}"))
+                passwords[username] = f"password-{index}"
+                if index % 10 == 0:  # some accounts change again while the ring moves
+                    client.changePassword({"username": username, "domain": DOMAIN}, f"changed-{index}")
+                    passwords[username] = f"changed-{index}"
+            except Exception as error:
+                errors.append(f"{username}: {error}")
+            progress[0] += 1
+
+    workers = [threading.Thread(target=provision, args=(worker, 8)) for worker in range(8)]
+    for thread in workers:
+        thread.start()
+    churn = [(2500, "start", "node4"), (5000, "stop", "node2"), (7500, "start", "node5")]
+    for threshold, action, name in churn:
+        wait_for(lambda t=threshold: progress[0] >= t, timeout=600, interval=0.1, message=f"{threshold} provisioned")
+        if action == "start":
+            network.start_node(name)
+        else:
+            network.stop_node(name)
+    # Wait without blocking the event loop: the in-process observer keeps its links alive meanwhile.
+    wait_for(lambda: not any(thread.is_alive() for thread in workers), timeout=600, interval=0.1, message="all done")
+    assert not errors, errors[:5]
+    assert len(passwords) == total
+    expected_members = {NODE_ADDRESSES[name] for name in ("node1", "node3", "node4", "node5")}
+    status = network.status(lambda s: set(s.addresses("sip_proxy")) == expected_members, "final ring")
+    table = LookupTable.from_status(status)
+    keys = [f"sub{index}@{DOMAIN}" for index in range(total)]
+    owners = {key: table.lookup("sip_proxy", key) for key in keys}
+
+    def converged():
+        for name, node in network.nodes.items():
+            mine = [key for key in keys if owners[key] == NODE_ADDRESSES[name]]
+            with LookupClient(*node.accounts, timeout=30) as client:
+                answers = client.query(*(f"account {key}" for key in mine), "count")
+            if answers[-1] != f"accounts {len(mine)} aliases 0":  # holds exactly what it owns
+                return False
+            for key, line in zip(mine, answers, strict=False):
+                if line == "none" or json.loads(line)["ha1"] != ha1(key.split("@")[0], passwords[key.split("@")[0]]):
+                    return False
+        return True
+
+    started = time.monotonic()
+    wait_for(converged, timeout=60, interval=1, message="every account on its current owner, current, once")
+    print(f"converged {time.monotonic() - started:.1f}s after the last change")
+
+
+@pytest.mark.parametrize(
+    ("roles", "topic", "body", "allowed"),
+    [
+        ({"provisioning_server"}, "Thor.Provisioning", {"changes": []}, True),
+        ({"sip_proxy"}, "Thor.Provisioning", {"changes": []}, False),
+        ({"provisioning_server"}, "Thor.Accounts.node1", {"request": "x"}, True),
+        ({"sip_proxy"}, "Thor.Accounts.node2", {"request": "x"}, False),
+        ({"sip_proxy"}, "Thor.AccountsWanted", {"name": "node1"}, True),
+        ({"sip_proxy"}, "Thor.AccountsWanted", {"name": "node2"}, False),
+        ({"sip_proxy"}, "Thor.Usage", {"name": "node1"}, True),
+        ({"sip_proxy"}, "Thor.Usage", {"name": "node2"}, False),
+    ],
+)
+def test_only_provisioning_servers_push_accounts_and_members_speak_for_themselves(roles, topic, body, allowed):
+    identity = PeerIdentity("node1", roles, 1, ("127.0.0.1", 1))
+    if allowed:
+        authorize_publish(identity, topic, body)
+    else:
+        with pytest.raises(ForbiddenError):
+            authorize_publish(identity, topic, body)

@@ -1,0 +1,42 @@
+"""Configuration of ngnpro: the [NGNPro] section."""
+
+from thor.config import Section, Setting
+from thor.datatypes import Endpoint, Float, Integer, Path, String
+
+NGNPRO_PORT = 9200
+
+
+class NGNProConfig(Section):
+    name = "NGNPro"
+    listen = Setting(
+        Endpoint(NGNPRO_PORT),
+        "0.0.0.0:9200",
+        "Address and port of the SOAP/XML interface (HTTPS; WSDL at /ngnpro/wsdl).",
+    )
+    certificate = Setting(
+        Path(allow_empty=True),
+        "",
+        "The HTTPS server certificate (PEM). Empty: this node's certificate from [TLS] (issued by the provider CA).",
+    )
+    private_key = Setting(Path(allow_empty=True), "", "Its private key (PEM). Empty: the [TLS] private key.")
+    username = Setting(String(allow_empty=False), "admin", "The username of the SOAP Login header.")
+    password = Setting(
+        String(),
+        "",
+        "The password of the SOAP Login header; at least 12 characters. Required: ngnpro does not start without it.",
+    )
+    database_user = Setting(
+        String(allow_empty=False),
+        "thor",
+        "PostgreSQL user of the provisioning database (its location comes from thor-database).",
+    )
+    database_password = Setting(String(), "", "Its password (empty: none, e.g. with trust or peer authentication).")
+    statement_timeout = Setting(Float(0.5, 600), "15", "Seconds a database statement may take before it fails.")
+    pool_size = Setting(Integer(1, 100), "8", "Database connections at most.")
+    batch_size = Setting(
+        Integer(10, 10000), "500", "Accounts per message when a node loads the accounts it is responsible for."
+    )
+
+    def validate(self):
+        if len(self.password) < 12:
+            raise ValueError("password: set at least 12 characters (the SOAP Login header's password)")

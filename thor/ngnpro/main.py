@@ -1,0 +1,188 @@
+"""ngnpro: the NGNPro provisioning server (role provisioning_server).
+
+Serves the SOAP/XML API over HTTPS, stores every change in the provisioning
+database that thor-database announces, publishes each committed change to
+the nodes, answers the nodes' requests for the accounts they own (when it
+is the active NGNPro: the longest-running live one), and keeps the usage
+statistics nodes report. Several may run.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging
+import socket
+import ssl
+import sys
+import time
+
+import gevent
+import psycopg2.extensions
+from gevent.pywsgi import WSGIServer
+
+from thor.config import ThorNetworkConfig, TLSConfig
+from thor.daemon import StartupError, run
+from thor.events.topics import ACCOUNTS_WANTED, USAGE, accounts_topic
+from thor.lookup.table import RingFollower
+from thor.membership.program import MemberDaemon
+from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
+from thor.ngnpro.provisioning import Provisioning
+from thor.ngnpro.soap import wsgi_application
+from thor.ngnpro.store import Store, StoreUnavailableError
+from thor.transport.tls import format_address
+
+ROLE = "provisioning_server"
+NODE_ROLE = "sip_proxy"
+MAX_CLIENTS = 1000
+http_log = logging.getLogger("ngnpro.http")
+HANDSHAKE_TIMEOUT = 10
+IDLE_TIMEOUT = 60
+
+
+class HTTPSServer(WSGIServer):
+    """pywsgi over TLS, the handshake done in the connection's greenlet: a client that fails it is
+    logged in one line (no traceback), and a silent or idle client is dropped after a timeout."""
+
+    def __init__(self, listener, application, tls_context, **settings):
+        super().__init__(listener, application, **settings)
+        self.tls_context = tls_context
+
+    def handle(self, sock, address):
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            tls_socket = self.tls_context.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as problem:
+            http_log.info("refused %s: TLS handshake failed: %s", format_address(address), problem)
+            sock.close()
+            return
+        tls_socket.settimeout(IDLE_TIMEOUT)
+        super().handle(tls_socket, address)
+
+
+class NGNProDaemon(MemberDaemon):
+    program = "ngnpro"
+    description = "The NGNPro provisioning server of SIP Thor: SOAP/XML, PostgreSQL, push to the responsible nodes."
+    sections = (ThorNetworkConfig, TLSConfig, NGNProConfig)
+    required_role = ROLE
+
+    def attributes(self):
+        return {"port": self.config[NGNProConfig].listen[1] or NGNPRO_PORT}
+
+    def setup(self):
+        settings = self.config[NGNProConfig]
+        tls = self.config[TLSConfig]
+        self.usage = {}
+        self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
+        self.store = Store(
+            self._database_dsn, pool_size=settings.pool_size, statement_timeout=settings.statement_timeout
+        )
+        self.provisioning = Provisioning(
+            self.store, self.client, lambda: self.member.status.status, settings.username, settings.password, self.usage
+        )
+        self.client.subscribe(ACCOUNTS_WANTED, self._accounts_wanted)
+        self.client.subscribe(USAGE, self._usage)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(settings.certificate or tls.certificate, settings.private_key or tls.private_key)
+        except (OSError, ssl.SSLError) as problem:
+            raise StartupError(f"[NGNPro] the HTTPS certificate or key cannot be loaded: {problem}") from None
+        listener = socket.socket(socket.AF_INET6 if ":" in settings.listen[0] else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Without TCP_NODELAY, keep-alive SOAP clients wait for delayed ACKs (about 23 calls/s).
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            listener.bind(settings.listen)
+        except OSError as problem:
+            where = format_address(settings.listen)
+            raise StartupError(f"[NGNPro] listen = {where}: {problem.strerror or problem}") from None
+        listener.listen(1024)
+        self.server = HTTPSServer(
+            listener,
+            wsgi_application(self.provisioning),
+            tls_context=context,
+            spawn=MAX_CLIENTS,
+            log=None,
+            error_log=http_log,
+        )
+        self.server.start()
+        self.rings.start()
+        self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))
+
+    def teardown(self):
+        self.server.stop(timeout=2)
+        self.rings.stop()
+        self.store.close()
+
+    def _database_dsn(self):
+        """The provisioning database announced by thor-database (the lowest priority wins), or None."""
+        databases = self.member.status.status.role_members("thor_database")
+        if not databases:
+            return None
+        chosen = min(databases, key=lambda entity: (entity["attributes"].get("priority", 0), entity["name"]))
+        attributes = chosen["attributes"]
+        settings = self.config[NGNProConfig]
+        return psycopg2.extensions.make_dsn(
+            host=attributes.get("host") or chosen["address"],
+            port=attributes.get("port", 5432),
+            dbname=attributes.get("database", "thor"),
+            user=settings.database_user,
+            password=settings.database_password or None,
+        )
+
+    def active(self):
+        """The longest-running live NGNPro answers the nodes' requests (the others stand by)."""
+        servers = self.member.status.status.role_members(ROLE)
+        if not servers:
+            return False
+        return min(servers, key=lambda entity: (entity["since"], entity["name"]))["name"] == self.identity.name
+
+    def _usage(self, message):
+        body = message.body
+        if isinstance(body, dict) and isinstance(body.get("name"), str) and len(self.usage) < 100000:
+            self.usage[body["name"]] = (time.time(), body)
+
+    def _accounts_wanted(self, message):
+        body = message.body
+        if not self.active() or not isinstance(body, dict):
+            return
+        name, address, request, ring = (body.get(key) for key in ("name", "address", "request", "ring"))
+        if not (isinstance(name, str) and isinstance(address, str) and isinstance(request, str)):
+            return
+        if not isinstance(ring, int) or isinstance(ring, bool):
+            return
+        gevent.spawn(self._send_accounts, name, address, request[:128], ring)
+
+    def _send_accounts(self, name, address, request, ring_version):
+        """Every account and alias node `address` owns, on its topic, in parts, from one snapshot."""
+        if not self.rings.wait(ring_version, timeout=10):
+            self.log.warning("account request %s: no ring of status %s yet; not answering", request, ring_version)
+            return
+        ring = self.rings.table.ring(NODE_ROLE)
+        topic = accounts_topic(name)
+        batch_size = self.config[NGNProConfig].batch_size
+        part, batch, total = 0, [], 0
+        try:
+            for changes in self.store.snapshot():
+                for change in changes:
+                    if ring is None or ring.owner(change["key"]) != address:
+                        continue
+                    batch.append(change)
+                    if len(batch) >= batch_size:
+                        self.client.publish(topic, {"request": request, "part": part, "records": batch, "last": False})
+                        part, total, batch = part + 1, total + len(batch), []
+                        gevent.sleep(0)
+        except StoreUnavailableError as problem:
+            self.log.warning("account request %s of %s not answered: %s", request, name, problem)
+            return
+        self.client.publish(topic, {"request": request, "part": part, "records": batch, "last": True})
+        self.log.info("account request %s: sent %d entries to %s", request, total + len(batch), name)
+
+
+def main(argv=None):
+    return run(NGNProDaemon, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

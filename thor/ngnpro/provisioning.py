@@ -1,0 +1,147 @@
+"""What each NGNPro operation does: validate, commit to PostgreSQL, then tell the nodes.
+
+The order is the contract: a change is committed before it is acknowledged,
+and it is published (Thor.Provisioning) only after the commit. A node that
+misses a publication (no event server reachable at that moment) still
+converges: nodes reload what they own when they reconnect and every
+[Node] account_reload_interval seconds.
+"""
+
+import hmac
+import logging
+import time
+
+from thor.events.topics import PROVISIONING
+from thor.ngnpro.model import (
+    InvalidInputError,
+    check_domain,
+    check_email,
+    check_password,
+    check_text,
+    check_username,
+    digests,
+)
+
+__all__ = ["Provisioning"]
+
+log = logging.getLogger("thor.ngnpro")
+
+MAX_LIST = 1000
+
+
+class Provisioning:
+    def __init__(self, store, client, status_source, username, password, usage=None):
+        """status_source(): the current NetworkStatus; usage: node name -> its latest Thor.Usage body."""
+        self.store = store
+        self.client = client
+        self.status_source = status_source
+        self._username = username.encode()
+        self._password = password.encode()
+        self.usage = usage if usage is not None else {}
+        self.unpublished = 0
+
+    def authenticate(self, username, password):
+        # Both compared every time, in constant time: a wrong username takes as long as a wrong password.
+        username_ok = hmac.compare_digest((username or "").encode(), self._username)
+        password_ok = hmac.compare_digest((password or "").encode(), self._password)
+        return username_ok and password_ok
+
+    def _publish(self, changes):
+        if changes and not self.client.publish(PROVISIONING, {"changes": changes}):
+            # Committed but not pushed: the nodes' periodic reload brings it.
+            self.unpublished += len(changes)
+            log.warning("no event server: %d committed changes reach the nodes on their next reload", len(changes))
+
+    # SipPort
+
+    def add_domain(self, domain):
+        self.store.add_domain(check_domain(domain))
+
+    def delete_domain(self, domain):
+        self.store.delete_domain(check_domain(domain))
+
+    def domains(self):
+        return self.store.domains()
+
+    def add_account(self, fields):
+        username, domain = check_username(fields["username"]), check_domain(fields["domain"])
+        ha1, ha1b = digests(username, domain, check_password(fields["password"]))
+        record = {
+            "username": username,
+            "domain": domain,
+            "ha1": ha1,
+            "ha1b": ha1b,
+            "first_name": check_text("firstName", fields["first_name"]),
+            "last_name": check_text("lastName", fields["last_name"]),
+            "email": check_email(fields["email"]),
+            "enabled": True if fields["enabled"] is None else bool(fields["enabled"]),
+        }
+        self._publish(self.store.add_account(record))
+
+    def update_account(self, fields):
+        """Fields given (not None) change; the others keep their value."""
+        username, domain = check_username(fields["username"]), check_domain(fields["domain"])
+        changes = {}
+        for name, label in (("first_name", "firstName"), ("last_name", "lastName")):
+            if fields[name] is not None:
+                changes[name] = check_text(label, fields[name])
+        if fields["email"] is not None:
+            changes["email"] = check_email(fields["email"])
+        if fields["enabled"] is not None:
+            changes["enabled"] = bool(fields["enabled"])
+        if fields["password"] is not None:
+            changes["ha1"], changes["ha1b"] = digests(username, domain, check_password(fields["password"]))
+        self._publish(self.store.update_account(username, domain, changes))
+
+    def change_password(self, username, domain, password):
+        username, domain = check_username(username), check_domain(domain)
+        ha1, ha1b = digests(username, domain, check_password(password))
+        self._publish(self.store.update_account(username, domain, {"ha1": ha1, "ha1b": ha1b}))
+
+    def delete_account(self, username, domain):
+        self._publish(self.store.delete_account(check_username(username), check_domain(domain)))
+
+    def account(self, username, domain):
+        return self.store.account(check_username(username), check_domain(domain))
+
+    def accounts(self, domain, limit=None, offset=None):
+        limit = MAX_LIST if limit is None else limit
+        offset = 0 if offset is None else offset
+        if not 1 <= limit <= MAX_LIST or offset < 0:
+            raise InvalidInputError(f"limit: expected 1 to {MAX_LIST}; offset: expected 0 or more")
+        return self.store.accounts(check_domain(domain), limit, offset)
+
+    def add_alias(self, username, domain, target_username, target_domain):
+        self._publish(
+            self.store.add_alias(
+                check_username(username),
+                check_domain(domain),
+                check_username(target_username),
+                check_domain(target_domain),
+            )
+        )
+
+    def delete_alias(self, username, domain):
+        self._publish(self.store.delete_alias(check_username(username), check_domain(domain)))
+
+    def aliases(self, username, domain):
+        return self.store.aliases(check_username(username), check_domain(domain))
+
+    # NetworkPort
+
+    def network_status(self):
+        status = self.status_source()
+        return {
+            "version": status.version,
+            "manager": status.manager,
+            "members": [status.members[name] for name in sorted(status.members)],
+        }
+
+    def statistics(self):
+        live = set(self.status_source().members)
+        now = time.time()
+        return [
+            {**usage, "updated": received}
+            for name, (received, usage) in sorted(self.usage.items())
+            if name in live and now - received < 3600
+        ]

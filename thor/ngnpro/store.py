@@ -1,0 +1,363 @@
+"""NGNPro's durable storage: domains, accounts and aliases in PostgreSQL.
+
+Every operation is one transaction; it returns only after COMMIT, with the
+changes it made. A change is what nodes cache:
+
+    {"kind": "account" | "alias", "key": "alice@example.com", "seq": 1042, "data": {...} | None}
+
+seq comes from one sequence for every change, so a node keeps, per key, the
+change with the highest seq; data None is a deletion. The schema is created
+and migrated by NGNPro itself (ngnpro_schema holds the version); several
+instances serialize migrations on an advisory lock.
+"""
+
+import contextlib
+import logging
+
+import gevent.lock
+import psycopg2
+
+from thor.ngnpro.model import InvalidInputError, account_record, sip_key
+from thor.pgsql import cooperative, one_line
+
+__all__ = ["ConflictError", "NotFoundError", "Store", "StoreUnavailableError"]
+
+log = logging.getLogger("thor.ngnpro")
+
+SCHEMA_LOCK = 0x6E676E70  # "ngnp": pg_advisory_xact_lock key of the migrations
+
+MIGRATIONS = [
+    # 1: the first schema.
+    """
+    CREATE SEQUENCE ngnpro_changes;
+    CREATE TABLE ngnpro_domains (
+        name text PRIMARY KEY,
+        created timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE ngnpro_accounts (
+        username text NOT NULL,
+        domain text NOT NULL REFERENCES ngnpro_domains (name),
+        ha1 text NOT NULL,
+        ha1b text NOT NULL,
+        first_name text NOT NULL DEFAULT '',
+        last_name text NOT NULL DEFAULT '',
+        email text NOT NULL DEFAULT '',
+        enabled boolean NOT NULL DEFAULT true,
+        created timestamptz NOT NULL DEFAULT now(),
+        updated timestamptz NOT NULL DEFAULT now(),
+        seq bigint NOT NULL,
+        PRIMARY KEY (username, domain)
+    );
+    CREATE TABLE ngnpro_aliases (
+        username text NOT NULL,
+        domain text NOT NULL REFERENCES ngnpro_domains (name),
+        target_username text NOT NULL,
+        target_domain text NOT NULL,
+        seq bigint NOT NULL,
+        PRIMARY KEY (username, domain),
+        FOREIGN KEY (target_username, target_domain) REFERENCES ngnpro_accounts (username, domain)
+    );
+    CREATE INDEX ngnpro_aliases_target ON ngnpro_aliases (target_username, target_domain);
+    """,
+]
+
+ACCOUNT_COLUMNS = "username, domain, ha1, ha1b, first_name, last_name, email, enabled"
+
+
+class StoreUnavailableError(Exception):
+    """The database cannot be reached (or none is announced); str() says why."""
+
+
+class NotFoundError(LookupError):
+    pass
+
+
+class ConflictError(ValueError):
+    pass
+
+
+class Store:
+    """A small pool of connections to the database dsn_source() names (None: none known yet)."""
+
+    def __init__(self, dsn_source, pool_size=8, connect_timeout=5, statement_timeout=15):
+        cooperative()
+        self.dsn_source = dsn_source
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self._idle = []
+        self._dsn = None
+        self._slots = gevent.lock.BoundedSemaphore(pool_size)
+        self._migrated = set()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """A cursor in one transaction, committed when the block ends without an exception."""
+        with self._slots:
+            connection = self._take()
+            try:
+                with connection, connection.cursor() as cursor:
+                    yield cursor
+            except psycopg2.IntegrityError as error:  # a concurrent change won a race the checks could not see
+                raise ConflictError(one_line(error)) from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+                connection.close()
+                raise StoreUnavailableError(f"the provisioning database failed: {one_line(error)}") from None
+            finally:
+                if not connection.closed:
+                    self._idle.append(connection)
+
+    def _take(self):
+        dsn = self.dsn_source()
+        if dsn is None:
+            raise StoreUnavailableError("no provisioning database is announced (is thor-database running?)")
+        if dsn != self._dsn:  # the database moved: forget the old connections
+            self.close()
+            self._dsn = dsn
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+        try:
+            connection = psycopg2.connect(
+                dsn,
+                connect_timeout=self.connect_timeout,
+                options=f"-c lock_timeout=5000 -c statement_timeout={int(self.statement_timeout * 1000)}",
+            )
+        except psycopg2.Error as error:
+            raise StoreUnavailableError(f"cannot connect to the provisioning database: {one_line(error)}") from None
+        if dsn not in self._migrated:
+            self._migrate(connection)
+            self._migrated.add(dsn)
+        return connection
+
+    def close(self):
+        while self._idle:
+            self._idle.pop().close()
+
+    def _migrate(self, connection):
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            cursor.execute("CREATE TABLE IF NOT EXISTS ngnpro_schema (version integer NOT NULL)")
+            cursor.execute("SELECT version FROM ngnpro_schema")
+            row = cursor.fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                cursor.execute("INSERT INTO ngnpro_schema (version) VALUES (0)")
+            if version > len(MIGRATIONS):
+                raise StoreUnavailableError(
+                    f"the provisioning database has schema {version}, newer than this ngnpro knows ({len(MIGRATIONS)})"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                cursor.execute(MIGRATIONS[number - 1])
+                cursor.execute("UPDATE ngnpro_schema SET version = %s", (number,))
+                log.info("provisioning database migrated to schema %s", number)
+
+    # Domains
+
+    def add_domain(self, domain):
+        with self.transaction() as cursor:
+            cursor.execute("INSERT INTO ngnpro_domains (name) VALUES (%s) ON CONFLICT DO NOTHING", (domain,))
+            if cursor.rowcount == 0:
+                raise ConflictError(f"domain {domain} exists")
+        return []
+
+    def delete_domain(self, domain):
+        with self.transaction() as cursor:
+            cursor.execute("SELECT count(*) FROM ngnpro_accounts WHERE domain = %s", (domain,))
+            if cursor.fetchone()[0]:
+                raise ConflictError(f"domain {domain} still has accounts; delete them first")
+            cursor.execute("SELECT count(*) FROM ngnpro_aliases WHERE domain = %s", (domain,))
+            if cursor.fetchone()[0]:
+                raise ConflictError(f"domain {domain} still has aliases; delete them first")
+            cursor.execute("DELETE FROM ngnpro_domains WHERE name = %s", (domain,))
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"domain {domain} does not exist")
+        return []
+
+    def domains(self):
+        with self.transaction() as cursor:
+            cursor.execute("SELECT name FROM ngnpro_domains ORDER BY name")
+            return [row[0] for row in cursor.fetchall()]
+
+    # Accounts
+
+    def add_account(self, fields):
+        with self.transaction() as cursor:
+            self._require_domain(cursor, fields["domain"])
+            self._require_free(cursor, fields["username"], fields["domain"])
+            cursor.execute(
+                f"INSERT INTO ngnpro_accounts ({ACCOUNT_COLUMNS}, seq) "
+                "VALUES (%(username)s, %(domain)s, %(ha1)s, %(ha1b)s, %(first_name)s, %(last_name)s, %(email)s, "
+                f"%(enabled)s, nextval('ngnpro_changes')) RETURNING {ACCOUNT_COLUMNS}, seq",
+                fields,
+            )
+            return [_account_change(cursor.fetchone())]
+
+    def update_account(self, username, domain, fields):
+        """Change the given fields (a subset of first_name, last_name, email, enabled, ha1, ha1b)."""
+        assignments = ", ".join(f"{name} = %({name})s" for name in fields)
+        with self.transaction() as cursor:
+            cursor.execute(
+                f"UPDATE ngnpro_accounts SET {assignments}{', ' if fields else ''}updated = now(), "
+                "seq = nextval('ngnpro_changes') WHERE username = %(username__)s AND domain = %(domain__)s "
+                f"RETURNING {ACCOUNT_COLUMNS}, seq",
+                {**fields, "username__": username, "domain__": domain},
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"account {username}@{domain} does not exist")
+            return [_account_change(row)]
+
+    def delete_account(self, username, domain):
+        """Delete the account and its aliases."""
+        with self.transaction() as cursor:
+            cursor.execute(
+                "DELETE FROM ngnpro_aliases WHERE target_username = %s AND target_domain = %s "
+                "RETURNING username, domain, nextval('ngnpro_changes')",
+                (username, domain),
+            )
+            changes = [_deletion("alias", alias, alias_domain, seq) for alias, alias_domain, seq in cursor.fetchall()]
+            cursor.execute(
+                "DELETE FROM ngnpro_accounts WHERE username = %s AND domain = %s RETURNING nextval('ngnpro_changes')",
+                (username, domain),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"account {username}@{domain} does not exist")
+            return [*changes, _deletion("account", username, domain, row[0])]
+
+    def account(self, username, domain):
+        with self.transaction() as cursor:
+            cursor.execute(
+                f"SELECT {ACCOUNT_COLUMNS} FROM ngnpro_accounts WHERE username = %s AND domain = %s",
+                (username, domain),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"account {username}@{domain} does not exist")
+            return account_record(row)
+
+    def accounts(self, domain, limit=1000, offset=0):
+        with self.transaction() as cursor:
+            self._require_domain(cursor, domain)
+            cursor.execute(
+                f"SELECT {ACCOUNT_COLUMNS} FROM ngnpro_accounts WHERE domain = %s ORDER BY username LIMIT %s OFFSET %s",
+                (domain, limit, offset),
+            )
+            return [account_record(row) for row in cursor.fetchall()]
+
+    # Aliases
+
+    def add_alias(self, username, domain, target_username, target_domain):
+        with self.transaction() as cursor:
+            self._require_domain(cursor, domain)
+            self._require_free(cursor, username, domain)
+            cursor.execute(
+                "SELECT 1 FROM ngnpro_accounts WHERE username = %s AND domain = %s", (target_username, target_domain)
+            )
+            if cursor.fetchone() is None:
+                raise NotFoundError(f"account {target_username}@{target_domain} does not exist")
+            cursor.execute(
+                "INSERT INTO ngnpro_aliases (username, domain, target_username, target_domain, seq) "
+                "VALUES (%s, %s, %s, %s, nextval('ngnpro_changes')) RETURNING seq",
+                (username, domain, target_username, target_domain),
+            )
+            return [_alias_change(username, domain, target_username, target_domain, cursor.fetchone()[0])]
+
+    def delete_alias(self, username, domain):
+        with self.transaction() as cursor:
+            cursor.execute(
+                "DELETE FROM ngnpro_aliases WHERE username = %s AND domain = %s RETURNING nextval('ngnpro_changes')",
+                (username, domain),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise NotFoundError(f"alias {username}@{domain} does not exist")
+            return [_deletion("alias", username, domain, row[0])]
+
+    def aliases(self, target_username, target_domain):
+        with self.transaction() as cursor:
+            cursor.execute(
+                "SELECT username, domain FROM ngnpro_aliases WHERE target_username = %s AND target_domain = %s "
+                "ORDER BY domain, username",
+                (target_username, target_domain),
+            )
+            return [f"{username}@{domain}" for username, domain in cursor.fetchall()]
+
+    # What nodes load
+
+    def snapshot(self, batch=2000):
+        """Every account and alias as changes, read in one consistent snapshot, in batches (a generator)."""
+        with self.transaction() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            offset_key = ("", "")
+            while True:
+                cursor.execute(
+                    f"SELECT {ACCOUNT_COLUMNS}, seq FROM ngnpro_accounts WHERE (domain, username) > (%s, %s) "
+                    "ORDER BY domain, username LIMIT %s",
+                    (offset_key[0], offset_key[1], batch),
+                )
+                rows = cursor.fetchall()
+                if not rows:
+                    break
+                yield [_account_change(row) for row in rows]
+                offset_key = (rows[-1][1], rows[-1][0])
+            cursor.execute(
+                "SELECT username, domain, target_username, target_domain, seq FROM ngnpro_aliases "
+                "ORDER BY domain, username"
+            )
+            while True:
+                rows = cursor.fetchmany(batch)
+                if not rows:
+                    break
+                yield [_alias_change(*row) for row in rows]
+
+    def counts(self):
+        with self.transaction() as cursor:
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM ngnpro_domains), (SELECT count(*) FROM ngnpro_accounts), "
+                "(SELECT count(*) FROM ngnpro_aliases)"
+            )
+            domains, accounts, aliases = cursor.fetchone()
+            return {"domains": domains, "accounts": accounts, "aliases": aliases}
+
+    # Checks inside a transaction
+
+    def _require_domain(self, cursor, domain):
+        cursor.execute("SELECT 1 FROM ngnpro_domains WHERE name = %s", (domain,))
+        if cursor.fetchone() is None:
+            raise NotFoundError(f"domain {domain} does not exist")
+
+    def _require_free(self, cursor, username, domain):
+        # Lock the name against a concurrent add of the other kind.
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{username}@{domain}",))
+        cursor.execute(
+            "SELECT 'account' FROM ngnpro_accounts WHERE username = %s AND domain = %s "
+            "UNION ALL SELECT 'alias' FROM ngnpro_aliases WHERE username = %s AND domain = %s",
+            (username, domain, username, domain),
+        )
+        row = cursor.fetchone()
+        if row is not None:
+            raise ConflictError(f"{username}@{domain} exists as an {row[0]}")
+
+
+def _account_change(row):
+    record = account_record(row[:8])
+    return {"kind": "account", "key": sip_key(record["username"], record["domain"]), "seq": row[8], "data": record}
+
+
+def _alias_change(username, domain, target_username, target_domain, seq):
+    return {
+        "kind": "alias",
+        "key": sip_key(username, domain),
+        "seq": seq,
+        "data": {"username": username, "domain": domain, "target": f"{target_username}@{target_domain}"},
+    }
+
+
+def _deletion(kind, username, domain, seq):
+    return {"kind": kind, "key": sip_key(username, domain), "seq": seq, "data": None}
+
+
+# A misuse of the API is a client error whatever layer notices it.
+CLIENT_ERRORS = (InvalidInputError, NotFoundError, ConflictError)
