@@ -16,12 +16,13 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 # What the suite needs from Debian: the bookworm stack the servers run on,
 # the tools to build the dev venv (psycopg2 compiles against libpq), Kamailio
-# (the SIP proxy the node's SIP health check is tested against), and the
+# (the SIP proxy the node's SIP health check and account cache are tested
+# against, http_client from kamailio-utils-modules), and the
 # PostgreSQL and PowerDNS that thor-dns is tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
 	python3-spyne python3-zeep python3-pytest python3-hypothesis \
-	kamailio postgresql pdns-server pdns-backend-pgsql
+	kamailio kamailio-utils-modules postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
 DEB_DIR := build/deb

@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import http.client
 import json
 import socket
 import threading
@@ -14,12 +15,12 @@ import zeep
 import zeep.exceptions
 import zeep.transports
 from conftest import wait_for
+from kamailio import Kamailio, register
 from overlay import Overlay, wait_status
 from pdns import PostgreSQL
 from processes import free_port
 
 from thor.events.topics import ForbiddenError, authorize_publish
-from thor.lookup.client import LookupClient
 from thor.lookup.table import LookupTable
 from thor.transport.tls import PeerIdentity
 
@@ -157,11 +158,30 @@ def ha1(username, password, domain=DOMAIN):
     return hashlib.md5(f"{username}:{domain}:{password}".encode()).hexdigest()
 
 
+class CacheReader:
+    """Reads a node's account cache over HTTP, on one keep-alive connection."""
+
+    def __init__(self, node, timeout=10):
+        self.connection = http.client.HTTPConnection(*node.accounts, timeout=timeout)
+
+    def get(self, path, method="GET"):
+        self.connection.request(method, path)
+        response = self.connection.getresponse()
+        return response.status, response.read().decode()
+
+    def close(self):
+        self.connection.close()
+
+
 def cached(node, key):
     """What a node's account cache answers for key (None: it does not hold it)."""
-    with LookupClient(*node.accounts) as client:
-        (line,) = client.query(f"account {key}")
-    return None if line == "none" else json.loads(line)
+    reader = CacheReader(node)
+    try:
+        code, body = reader.get(f"/accounts/{key}")
+    finally:
+        reader.close()
+    assert code in (200, 404), (code, body)
+    return json.loads(body) if code == 200 else None
 
 
 def owner(network, key):
@@ -249,6 +269,75 @@ def test_each_change_reaches_the_responsible_node_only(network):
     wait_for(lambda: cached(home, key)["ha1"] == ha1("user0", "changed-password"), message="new ha1 cached")
     soap.deleteAccount({"username": "user0", "domain": DOMAIN})
     wait_for(lambda: cached(home, key) is None, message="deletion reaches the owner")
+
+
+def test_the_account_cache_interface_for_the_sip_proxy(network):
+    network.start_nodes("node1")
+    node = network.nodes["node1"]
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("alice", "alices-password"))
+    soap.addAccount(account("dave", enabled=False))
+    soap.addAlias({"id": {"username": "ally", "domain": DOMAIN}, "target": {"username": "alice", "domain": DOMAIN}})
+    reader = CacheReader(node)
+    try:
+        wait_for(lambda: reader.get("/accounts") == (200, '{"accounts":2,"aliases":1}'), message="all three cached")
+        assert reader.get(f"/accounts/alice@{DOMAIN}/ha1") == (200, ha1("alice", "alices-password"))
+        assert reader.get(f"/accounts/sip:Alice@{DOMAIN.upper()}/ha1")[0] == 200  # keys are normalized
+        record = json.loads(reader.get(f"/accounts/alice@{DOMAIN}")[1])
+        assert (record["kind"], record["username"], record["enabled"]) == ("account", "alice", True)
+        assert "password" not in record  # only digests are kept anywhere
+        assert json.loads(reader.get(f"/accounts/ally@{DOMAIN}")[1])["kind"] == "alias"
+        assert reader.get(f"/accounts/ally@{DOMAIN}/ha1")[0] == 404  # an alias has no credentials
+        assert reader.get(f"/accounts/dave@{DOMAIN}/ha1")[0] == 403  # disabled
+        assert reader.get(f"/accounts/nobody@{DOMAIN}")[0] == 404
+        for path, code in [
+            ("/accounts/not-a-key", 400),
+            (f"/accounts/alice@{DOMAIN}/password", 404),
+            ("/other", 404),
+        ]:
+            answer = reader.get(path)
+            assert answer[0] == code and json.loads(answer[1])["error"], answer
+        assert reader.get("/accounts", method="POST")[0] == 405
+    finally:
+        reader.close()
+    assert "Traceback" not in node.log()
+
+
+def test_kamailio_authenticates_subscribers_with_the_node_cache(network, tmp_path):
+    """The whole path: SOAP -> PostgreSQL -> the owner node's cache -> Kamailio's digest check."""
+    network.start_nodes("node1")
+    node = network.nodes["node1"]
+    kamailio = Kamailio(str(tmp_path), free_port("127.0.0.1"), accounts=node.accounts)
+    kamailio.start()
+    try:
+        soap = network.client()
+        soap.addDomain(DOMAIN)
+        soap.addAccount(account("alice", "alices-password"))
+        wait_for(lambda: cached(node, f"alice@{DOMAIN}"), message="alice cached")
+        assert register(kamailio.port, "alice", DOMAIN, "alices-password") == (200, "OK")
+        assert register(kamailio.port, "alice", DOMAIN, "wrong-password")[0] == 401  # challenged again
+        assert register(kamailio.port, "mallory", DOMAIN, "any-password")[0] == 403
+        soap.changePassword({"username": "alice", "domain": DOMAIN}, "a-new-password")
+        wait_for(
+            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password")[0] == 200,
+            message="the new password accepted",
+        )
+        assert register(kamailio.port, "alice", DOMAIN, "alices-password")[0] == 401
+        soap.updateAccount({"id": {"username": "alice", "domain": DOMAIN}, "enabled": False})
+        wait_for(
+            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password") == (403, "Account Disabled"),
+            message="a disabled account refused",
+        )
+        soap.deleteAccount({"username": "alice", "domain": DOMAIN})
+        wait_for(
+            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password") == (403, "Unknown Subscriber"),
+            message="a deleted account refused",
+        )
+        node.stop()  # the cache gone: the proxy says so, and refuses nobody by mistake as unknown
+        assert register(kamailio.port, "alice", DOMAIN, "a-new-password") == (500, "Account Cache Unavailable")
+    finally:
+        kamailio.stop()
 
 
 def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):
@@ -341,16 +430,23 @@ def test_10000_accounts_while_nodes_join_and_leave(network):
     owners = {key: table.lookup("sip_proxy", key) for key in keys}
 
     def converged():
-        for name, node in network.nodes.items():
-            mine = [key for key in keys if owners[key] == NODE_ADDRESSES[name]]
-            with LookupClient(*node.accounts, timeout=30) as client:
-                answers = client.query(*(f"account {key}" for key in mine), "count")
-            if answers[-1] != f"accounts {len(mine)} aliases 0":  # holds exactly what it owns
-                return False
-            for key, line in zip(mine, answers, strict=False):
-                if line == "none" or json.loads(line)["ha1"] != ha1(key.split("@")[0], passwords[key.split("@")[0]]):
+        readers = {name: CacheReader(node, timeout=30) for name, node in network.nodes.items()}
+        try:
+            mine = {name: [key for key in keys if owners[key] == NODE_ADDRESSES[name]] for name in readers}
+            # Each holds exactly as many as it owns (cheap; asked first) ...
+            for name, reader in readers.items():
+                if json.loads(reader.get("/accounts")[1]) != {"accounts": len(mine[name]), "aliases": 0}:
                     return False
-        return True
+            # ... and those are the ones it owns, with their current password.
+            for name, reader in readers.items():
+                for key in mine[name]:
+                    username = key.split("@")[0]
+                    if reader.get(f"/accounts/{key}/ha1") != (200, ha1(username, passwords[username])):
+                        return False
+            return True
+        finally:
+            for reader in readers.values():
+                reader.close()
 
     started = time.monotonic()
     wait_for(converged, timeout=60, interval=1, message="every account on its current owner, current, once")

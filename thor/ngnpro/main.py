@@ -12,14 +12,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging
-import socket
 import ssl
 import sys
 import time
 
 import gevent
 import psycopg2.extensions
-from gevent.pywsgi import WSGIServer
 
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, run
@@ -30,34 +28,14 @@ from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
 from thor.ngnpro.provisioning import Provisioning
 from thor.ngnpro.soap import wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
+from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
 ROLE = "provisioning_server"
 NODE_ROLE = "sip_proxy"
 MAX_CLIENTS = 1000
 http_log = logging.getLogger("ngnpro.http")
-HANDSHAKE_TIMEOUT = 10
 IDLE_TIMEOUT = 60
-
-
-class HTTPSServer(WSGIServer):
-    """pywsgi over TLS, the handshake done in the connection's greenlet: a client that fails it is
-    logged in one line (no traceback), and a silent or idle client is dropped after a timeout."""
-
-    def __init__(self, listener, application, tls_context, **settings):
-        super().__init__(listener, application, **settings)
-        self.tls_context = tls_context
-
-    def handle(self, sock, address):
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        try:
-            tls_socket = self.tls_context.wrap_socket(sock, server_side=True)
-        except (OSError, ssl.SSLError) as problem:
-            http_log.info("refused %s: TLS handshake failed: %s", format_address(address), problem)
-            sock.close()
-            return
-        tls_socket.settimeout(IDLE_TIMEOUT)
-        super().handle(tls_socket, address)
 
 
 class NGNProDaemon(MemberDaemon):
@@ -88,24 +66,18 @@ class NGNProDaemon(MemberDaemon):
             context.load_cert_chain(settings.certificate or tls.certificate, settings.private_key or tls.private_key)
         except (OSError, ssl.SSLError) as problem:
             raise StartupError(f"[NGNPro] the HTTPS certificate or key cannot be loaded: {problem}") from None
-        listener = socket.socket(socket.AF_INET6 if ":" in settings.listen[0] else socket.AF_INET)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Without TCP_NODELAY, keep-alive SOAP clients wait for delayed ACKs (about 23 calls/s).
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            listener.bind(settings.listen)
+            self.server = HTTPServer(
+                settings.listen,
+                wsgi_application(self.provisioning),
+                http_log,
+                max_connections=MAX_CLIENTS,
+                idle_timeout=IDLE_TIMEOUT,
+                tls_context=context,
+            )
         except OSError as problem:
             where = format_address(settings.listen)
             raise StartupError(f"[NGNPro] listen = {where}: {problem.strerror or problem}") from None
-        listener.listen(1024)
-        self.server = HTTPSServer(
-            listener,
-            wsgi_application(self.provisioning),
-            tls_context=context,
-            spawn=MAX_CLIENTS,
-            log=None,
-            error_log=http_log,
-        )
         self.server.start()
         self.rings.start()
         self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))

@@ -24,6 +24,7 @@ with warnings.catch_warnings():  # spyne 2.14 imports the cgi module, deprecated
 
 from thor.ngnpro.model import InvalidInputError
 from thor.ngnpro.store import ConflictError, NotFoundError, StoreUnavailableError
+from thor.transport.http import reply
 
 __all__ = ["NAMESPACE", "wsgi_application"]
 
@@ -267,8 +268,7 @@ def wsgi_application(provisioning):
         """GET /ngnpro/wsdl is the WSDL; SOAP calls are POSTed to the same URL; nothing else is served."""
         path = environ.get("PATH_INFO", "")
         if path not in ("/ngnpro/wsdl", "/ngnpro", "/ngnpro/"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: the WSDL is at /ngnpro/wsdl\n"]
+            return reply(start_response, "404 Not Found", "not found: the WSDL is at /ngnpro/wsdl\n")
         environ["wsgi.url_scheme"] = "https"  # TLS is done before pywsgi sees the request; the WSDL says so
         if environ.get("REQUEST_METHOD") == "GET":
             environ["QUERY_STRING"] = "wsdl"

@@ -13,7 +13,7 @@
   reload_interval seconds, so a change it missed (no event server reachable
   when it was published) is never missing for long.
 
-Local consumers (the SIP proxy) read the cache through AccountCache.answer,
+Local consumers (the SIP proxy) read the cache over HTTP (accounts_application),
 served on [Node] accounts_listen (loopback by default: it holds digest hashes).
 """
 
@@ -26,9 +26,9 @@ from gevent.event import Event
 
 from thor.events.topics import ACCOUNTS_WANTED, PROVISIONING, accounts_topic
 from thor.lookup.ring import InvalidKeyError, normalize_key
-from thor.transport.lines import error
+from thor.transport.http import reply
 
-__all__ = ["AccountCache"]
+__all__ = ["AccountCache", "accounts_application"]
 
 log = logging.getLogger("thor.node")
 
@@ -195,21 +195,49 @@ class AccountCache:
         entry = self.entries.get(key)
         return None if entry is None or entry.data is None else entry
 
-    def answer(self, line):
-        """account USER@DOMAIN -> the account or alias this node owns, as JSON with its kind
-        (an alias names its target, which may live on another node), or none;
-        count -> "accounts N aliases M"."""
-        words = line.split()
-        command = words[0].lower() if words else ""
-        if command == "count" and len(words) == 1:
-            return "accounts {} aliases {}".format(*self.counts())
-        if command != "account" or len(words) != 2:
-            return error("syntax", "expected: account USER@DOMAIN, or count")
+
+def accounts_application(cache):
+    """The WSGI application local consumers read the cache with (docs/provisioning.md):
+
+    GET /accounts              -> {"accounts": N, "aliases": M}
+    GET /accounts/KEY          -> the account or alias this node holds, JSON with its kind
+                                  (an alias names its target, which may live on another node)
+    GET /accounts/KEY/ha1      -> the digest HA1 of an enabled account, as text: what a SIP
+                                  proxy authenticates with (403 when disabled)
+    404 when this node does not hold KEY, 400 for a key that is not user@domain.
+    """
+
+    def application(environ, start_response):
+        if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            return _json(start_response, "405 Method Not Allowed", {"error": "only GET is served"})
+        # PEP 3333: the path arrives percent-decoded, its bytes as latin-1.
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+        collection, _, rest = path.lstrip("/").partition("/")
+        if collection != "accounts":
+            return _json(start_response, "404 Not Found", {"error": "not found: see /accounts"})
+        if not rest:
+            accounts, aliases = cache.counts()
+            return _json(start_response, "200 OK", {"accounts": accounts, "aliases": aliases})
+        key, _, field = rest.partition("/")
+        if field not in ("", "ha1"):
+            return _json(start_response, "404 Not Found", {"error": f"no such field: {field}"})
         try:
-            key = normalize_key(words[1])
+            key = normalize_key(key)
         except InvalidKeyError as problem:
-            return error("bad-key", str(problem))
-        entry = self.get(key)
+            return _json(start_response, "400 Bad Request", {"error": str(problem)})
+        entry = cache.get(key)
         if entry is None:
-            return "none"
-        return json.dumps({**entry.data, "kind": entry.kind}, sort_keys=True, separators=(",", ":"))
+            return _json(start_response, "404 Not Found", {"error": f"{key} is not held by this node"})
+        if not field:
+            return _json(start_response, "200 OK", {**entry.data, "kind": entry.kind})
+        if entry.kind != "account":
+            return _json(start_response, "404 Not Found", {"error": f"{key} is an alias, not an account"})
+        if not entry.data.get("enabled", True):
+            return _json(start_response, "403 Forbidden", {"error": f"{key} is disabled"})
+        return reply(start_response, "200 OK", entry.data["ha1"])
+
+    return application
+
+
+def _json(start_response, status, body):
+    return reply(start_response, status, json.dumps(body, sort_keys=True, separators=(",", ":")), "application/json")

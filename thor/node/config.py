@@ -28,8 +28,8 @@ class NodeConfig(Section):
     accounts_listen = Setting(
         Endpoint(9501),
         "127.0.0.1:9501",
-        "Where local consumers (the SIP proxy) read the accounts this node is responsible for "
-        "(docs/provisioning.md). It serves digest hashes: keep it on loopback.",
+        "Where local consumers (the SIP proxy) read the accounts this node is responsible for, "
+        "over HTTP (docs/provisioning.md). It serves digest hashes: keep it on loopback.",
     )
     account_reload_interval = Setting(
         Float(1, 86400),

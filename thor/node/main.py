@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import logging
 import os
 import sys
 import time
@@ -17,11 +18,11 @@ from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
-from thor.node.accounts import AccountCache
+from thor.node.accounts import AccountCache, accounts_application
 from thor.node.config import NodeConfig
 from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch
 from thor.roles import INFRASTRUCTURE_ROLES
-from thor.transport.lines import LineServer
+from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
 
@@ -78,18 +79,19 @@ class NodeDaemon(MemberDaemon):
         self.rings.start()
         settings = self.config[NodeConfig]
         self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
-        self.accounts_server = LineServer(
-            settings.accounts_listen,
-            self.accounts.answer,
-            "account cache",
-            max_connections=100,
-            idle_timeout=lookup.idle_timeout,
-        )
         try:
+            self.accounts_server = HTTPServer(
+                settings.accounts_listen,
+                accounts_application(self.accounts),
+                logging.getLogger("thor.node.accounts"),
+                max_connections=100,
+                idle_timeout=lookup.idle_timeout,
+            )
             self.accounts_server.start()
         except OSError as problem:
             where = format_address(settings.accounts_listen)
             raise StartupError(f"[Node] accounts_listen = {where}: {problem.strerror or problem}") from None
+        self.log.info("account cache for the SIP proxy on http://%s/accounts", format_address(settings.accounts_listen))
         self.accounts.start()
         self._checkers = [
             gevent.spawn(watch, health, settings.check_interval, settings.check_timeout, self._health_changed)

@@ -20,6 +20,7 @@ import zeep.transports
 # The project's own test helpers (wait_for: poll a condition with a deadline).
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "tests"))
 from conftest import wait_for
+from kamailio import register
 
 from thor.lookup.client import LookupClient
 
@@ -178,13 +179,18 @@ def test_nodes_agree_on_owners_and_only_a_stopped_nodes_keys_move():
 
 
 def cached_on(node, key):
-    """What a node's account cache (loopback only) answers for key."""
+    """What a node's account cache (HTTP on loopback only) answers for key."""
     script = (
-        f"from thor.lookup.client import LookupClient; print(LookupClient('127.0.0.1', 9501).query('account {key}')[0])"
+        "import sys, urllib.error, urllib.request\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "try:\n"
+        f"    print(opener.open('http://127.0.0.1:9501/accounts/{key}', timeout=5).read().decode())\n"
+        "except urllib.error.HTTPError as error:\n"
+        "    sys.exit(0 if error.code == 404 else error.code)\n"
     )
     result = host(node).run(f"python3 -c {shlex.quote(script)}")
-    assert result.rc == 0, result.stderr
-    return None if result.stdout.strip() == "none" else json.loads(result.stdout)
+    assert result.rc == 0, (result.rc, result.stderr)
+    return json.loads(result.stdout) if result.stdout.strip() else None
 
 
 def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
@@ -210,6 +216,13 @@ def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
         assert all(cached_on(node, key) is None for node in ADDRESSES if node != owner)
     statistics = client.bind("NetworkPort", "NetworkPort").getStatistics(_soapheaders=[login])
     assert {node.name for node in statistics} == set(ADDRESSES)
+    # The SIP proxy beside the owner authenticates the subscriber with the cache; the others do not hold it.
+    for key, address in list(zip(keys, owners, strict=True))[:3]:
+        username = key.split("@")[0]
+        assert register(5060, username, DOMAIN, "molecule-password", host=address) == (200, "OK")
+        assert register(5060, username, DOMAIN, "wrong-password", host=address)[0] == 401
+        other = next(a for a in ADDRESSES.values() if a != address)
+        assert register(5060, username, DOMAIN, "molecule-password", host=other) == (403, "Unknown Subscriber")
 
 
 def _serves(session, url):
