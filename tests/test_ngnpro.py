@@ -318,6 +318,7 @@ def test_kamailio_authenticates_subscribers_with_the_node_cache(network, tmp_pat
         assert register(kamailio.port, "alice", DOMAIN, "alices-password") == (200, "OK")
         assert register(kamailio.port, "alice", DOMAIN, "wrong-password")[0] == 401  # challenged again
         assert register(kamailio.port, "mallory", DOMAIN, "any-password")[0] == 403
+        assert register(kamailio.port, "x/../alice", DOMAIN, "alices-password") == (403, "Not A Subscriber Address")
         soap.changePassword({"username": "alice", "domain": DOMAIN}, "a-new-password")
         wait_for(
             lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password")[0] == 200,
