@@ -205,6 +205,26 @@ def test_node_refuses_roles_its_certificate_does_not_grant(overlay, pki):
     assert "does not grant xcap_server (it grants sip_proxy)" in node.log()
 
 
+def test_node_says_which_of_its_ports_is_taken(overlay, pki):
+    overlay.start_eventservers(1)
+    pki.ca.issue("node1", "sip_proxy", address="127.0.0.11")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.11", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = overlay.start(
+            "node1",
+            "thor.node.main",
+            "sip_proxy",
+            "127.0.0.11",
+            Node={"accounts_listen": f"127.0.0.11:{port}"},
+            Lookup={"listen": f"127.0.0.11:{processes.free_port('127.0.0.11')}"},
+        )
+        assert node.process.wait(20) == 78
+    assert f"[Node] accounts_listen = 127.0.0.11:{port}: Address already in use" in node.log()
+    assert "Traceback" not in node.log()
+
+
 def test_database_location_is_published_without_password(overlay):
     overlay.start_eventservers(1)
     overlay.manager("manager1")
