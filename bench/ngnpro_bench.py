@@ -5,7 +5,8 @@ not the disk's), 1 event server, 1 manager, thor-database, ngnpro and 3
 sip_proxy nodes. zeep clients in threads (the way provisioning clients call)
 run addAccount, getAccount and changePassword; each figure is the median of
 3 runs. Then 200 single changes: the time from the call's return until the
-owner node's cache answers the new ha1.
+owner node's cache answers the new ha1; and the rate at which one keep-alive
+client (as Kamailio's http_client) reads HA1s from a node's cache.
 
 Run: python bench/ngnpro_bench.py [--operations N]  (needs PostgreSQL, as make test installs)
 """
@@ -23,9 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from common import machine, median, percentile, temporary_directory
 from conftest import ScratchPKI
 from pdns import PostgreSQL
-from test_ngnpro import DOMAIN, Network, account, cached, ha1, node_at, owner
-
-from thor.lookup.client import LookupClient
+from test_ngnpro import DOMAIN, CacheReader, Network, account, cached, ha1, node_at, owner
 
 
 def run_threads(clients, operation, count):
@@ -49,6 +48,27 @@ def run_threads(clients, operation, count):
     if errors:
         raise RuntimeError(f"{len(errors)} failed calls, e.g. {errors[0]}")
     return count / elapsed
+
+
+def cache_reads(network, count):
+    """What a SIP proxy's authentication costs the node: GET /accounts/KEY/ha1 of accounts the node
+    holds, one keep-alive client (as Kamailio's http_client keeps its connection); median of 3 runs."""
+    address = owner(network, f"visible0@{DOMAIN}")
+    node = node_at(network, address)
+    keys = [key for key in (f"visible{index}@{DOMAIN}" for index in range(200)) if owner(network, key) == address]
+    reader = CacheReader(node)
+    try:
+        rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for index in range(count):
+                status, _ = reader.get(f"/accounts/{keys[index % len(keys)]}/ha1")
+                if status != 200:
+                    raise RuntimeError(f"cache read answered {status}")
+            rates.append(count / (time.perf_counter() - start))
+        return median(rates)
+    finally:
+        reader.close()
 
 
 def main():
@@ -100,16 +120,20 @@ def main():
                 home = node_at(network, owner(network, key))
                 soap.addAccount(account(username))
                 returned = time.perf_counter()
-                with LookupClient(*home.accounts) as client:
-                    while client.query(f"account {key}")[0] == "none":
+                reader = CacheReader(home)
+                try:
+                    while reader.get(f"/accounts/{key}")[0] == 404:
                         if time.perf_counter() - returned > 5:
                             raise RuntimeError(f"{key} not cached within 5 s")
+                finally:
+                    reader.close()
                 delays.append((time.perf_counter() - returned) * 1000)
             assert cached(home, key)["ha1"] == ha1(username, "a-good-password")
             print(
                 f"call returned -> owner's cache has it, 200 accounts: p50 {median(delays):.1f} ms, "
                 f"p99 {percentile(delays, 0.99):.1f} ms"
             )
+            print(f"the SIP proxy's read: {cache_reads(network, count):,.0f} GET /accounts/KEY/ha1 per second")
         finally:
             if network is not None:
                 network.close()
