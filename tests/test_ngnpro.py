@@ -363,6 +363,36 @@ def _added(soap, username):
     return True
 
 
+def test_two_ngnpro_share_the_database_and_either_serves_the_nodes(network):
+    """Several NGNPro may run: each takes changes; the eldest live one answers the nodes'
+    requests for their accounts, and when it crashes the other does."""
+    network.start_nodes("node1")
+    second_port = free_port("127.0.4.3")
+    second = network.start_ngnpro("ngnpro2", "127.0.4.3", second_port)
+    network.status(lambda s: "ngnpro2" in s.members, "ngnpro2 announced")
+    soap = network.client("127.0.4.3", second_port)
+    soap.addDomain(DOMAIN)
+    keys = [f"shared{index}@{DOMAIN}" for index in range(40)]
+    for key in keys:
+        soap.addAccount(account(key.split("@")[0]))
+    wait_for(lambda: all(cached(network.nodes["node1"], key) for key in keys), message="node1 has every account")
+    assert network.client().getAccount({"username": "shared0", "domain": DOMAIN}).id.username == "shared0"
+    network.ngnpro.kill()  # the eldest, so far the one that answers the nodes' requests
+    network.status(lambda s: "ngnpro1" not in s.members, "ngnpro1 gone")
+    network.start_nodes("node2")  # its accounts were published before it joined: only a load brings them
+
+    def on_their_owners():
+        return all(cached(node_at(network, owner(network, key)), key) for key in keys)
+
+    assert any(owner(network, key) == NODE_ADDRESSES["node2"] for key in keys)
+    wait_for(on_their_owners, timeout=30, interval=0.5, message="node2 loaded its accounts from ngnpro2")
+    assert all(
+        cached(network.nodes["node1"], key) is None for key in keys if owner(network, key) != NODE_ADDRESSES["node1"]
+    )
+    second.wait_log("entries to node2")
+    assert "Traceback" not in second.log()
+
+
 def test_status_and_usage_statistics_from_the_nodes(network):
     network.start_nodes("node1", "node2")
     soap = network.client()
