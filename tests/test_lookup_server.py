@@ -1,25 +1,34 @@
 """The lookup interface in-process: its query syntax, pipelining, and clients that misbehave."""
 
 import contextlib
+import itertools
+import os
+import subprocess
+import sys
 import time
 
 import gevent
+import gevent.event
 import pytest
-from conftest import wait_for
+from conftest import REPO, wait_for
 from gevent import socket
 
 from thor.lookup.client import LookupClient, LookupClientError
+from thor.lookup.ring import HashRing
 from thor.lookup.server import LookupServer
-from thor.lookup.table import LookupTable
+from thor.lookup.table import LookupTable, RingFollower
+from thor.membership.status import StatusCache
+
+PROGRAMS = os.path.join(REPO, "tests", "programs")
 
 NODES = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 TABLE = LookupTable(42, "manager1", {"sip_proxy": NODES, "xcap_server": ["10.0.0.9"]})
 
 
 class Interface:
-    def __init__(self, table=TABLE, **limits):
+    def __init__(self, table=TABLE, table_source=None, **limits):
         self.table = table
-        self.server = LookupServer(("127.0.0.1", 0), lambda: self.table, **limits)
+        self.server = LookupServer(("127.0.0.1", 0), table_source or (lambda: self.table), **limits)
         self.server.start()
         self.endpoint = self.server.address[:2]
 
@@ -61,6 +70,8 @@ def test_the_queries_of_the_original_and_what_operators_need(interface):
         ("lookup Not-A-Role for alice@example.com", "bad-role"),
         ("is_online example.com as sip_proxy", "bad-address"),
         ("members", "syntax"),
+        ("members Not-A-Role", "bad-role"),
+        ("is_online 10.0.0.1 as Not-A-Role", "bad-role"),
         ("version please", "syntax"),
         ("delete sip_proxy", "unknown-command"),
     ],
@@ -76,7 +87,13 @@ def test_no_status_yet_is_an_error_not_a_guess():
     served = Interface(LookupTable.empty())
     try:
         with served.client() as client:
-            assert client.query("lookup sip_proxy for alice@example.com", "version")[0].startswith("error no-status ")
+            for query in (
+                "lookup sip_proxy for alice@example.com",
+                "is_online 10.0.0.1 as sip_proxy",
+                "members sip_proxy",
+                "roles",
+            ):
+                assert client.query(query)[0].startswith("error no-status "), query
             assert client.query("version") == ["0"]
     finally:
         served.server.stop()
@@ -136,37 +153,160 @@ def test_a_very_long_line_is_refused_and_closed(interface):
         assert client.query("version") == ["42"]
 
 
-def test_connections_beyond_the_limit_are_told_busy_and_idle_ones_are_dropped():
-    served = Interface(max_connections=20, idle_timeout=0.5)
+def connect_from(served, source):
+    return socket.create_connection(served.endpoint, timeout=5, source_address=(source, 0))
+
+
+def test_one_address_cannot_take_every_connection():
+    served = Interface(max_connections=50, max_connections_per_address=5, evict_after=60)
+    try:
+        held = [connect_from(served, "127.0.0.2") for _ in range(5)]
+        wait_for(lambda: served.server.connections == 5, message="5 connections from 127.0.0.2")
+        refused = read_until_closed(connect_from(served, "127.0.0.2"))
+        assert refused.startswith(b"error busy more than 5 connections from 127.0.0.2"), refused
+        other = connect_from(served, "127.0.0.3")
+        other.sendall(b"version\r\n")
+        assert other.recv(100) == b"42\r\n"
+        for connection in [*held, other]:
+            connection.close()
+    finally:
+        served.server.stop()
+
+
+def closed_by_server(connection):
+    """Whether the server closed connection (its end of input is there to read), without waiting."""
+    connection.setblocking(False)
+    try:
+        return connection.recv(1) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_when_all_slots_are_taken_an_idle_connection_makes_room():
+    served = Interface(max_connections=20, evict_after=0.3)
     try:
         idle = [served.raw() for _ in range(20)]
         wait_for(lambda: served.server.connections == 20, message="20 idle connections held")
-        extra = served.raw()
-        assert read_until_closed(extra).startswith(b"error busy ")
-        # The idle ones go after idle_timeout, and the interface serves again.
-        wait_for(lambda: served.server.connections == 0, timeout=5, message="idle connections dropped")
-        for connection in idle:
-            assert read_until_closed(connection) == b""
-        with served.client() as client:
+        gevent.sleep(0.3)  # the precondition, not a wait for a result: all 20 idle for evict_after
+        with served.client() as client:  # the newcomer takes the slot of one that asked nothing
             assert client.query("version") == ["42"]
+            assert served.server.evicted == 1
+            assert served.server.connections == 20
+            wait_for(lambda: sum(map(closed_by_server, idle)) == 1, message="exactly one idle connection closed")
     finally:
+        served.server.stop()
+
+
+def test_when_all_slots_ask_queries_a_newcomer_is_told_busy():
+    served = Interface(max_connections=5, evict_after=60)
+    try:
+        busy = [served.client() for _ in range(5)]
+        for client in busy:
+            assert client.query("version") == ["42"]
+        assert read_until_closed(served.raw()).startswith(b"error busy more than 5 connections")
+        for client in busy:
+            assert client.query("version") == ["42"]  # none of them lost its connection
+            client.close()
+    finally:
+        served.server.stop()
+
+
+def test_idle_connections_are_dropped_even_when_they_trickle_blank_lines_or_bytes():
+    served = Interface(idle_timeout=0.5)
+    try:
+        silent, blank, trickle = served.raw(), served.raw(), served.raw()
+        asking = served.client()
+        assert asking.query("version") == ["42"]
+        wait_for(lambda: served.server.connections == 4, message="4 connections")
+        started = time.monotonic()
+
+        def keep_sending(connection, data):
+            with contextlib.suppress(OSError):
+                while time.monotonic() - started < 5:
+                    connection.sendall(data)
+                    gevent.sleep(0.05)
+
+        senders = [gevent.spawn(keep_sending, blank, b"\r\n"), gevent.spawn(keep_sending, trickle, b"v")]
+
+        def only_the_asking_one_is_left():
+            assert asking.query("version") == ["42"]  # a query every poll keeps this one
+            return served.server.connections == 1
+
+        wait_for(only_the_asking_one_is_left, timeout=3, message="the three idle connections dropped")
+        assert time.monotonic() - started < 2
+        for connection in (silent, blank, trickle):
+            assert read_until_closed(connection) == b""
+        gevent.joinall(senders, timeout=6)
+        asking.close()
+    finally:
+        served.server.stop()
+
+
+def test_a_client_that_floods_and_reads_fast_delays_no_one():
+    """A client that keeps the server's input full must not keep the event loop to itself."""
+    served = Interface()
+    count = 5_000_000  # several seconds of work for the server: bounded in count, and in time below
+    flood = subprocess.Popen(
+        [sys.executable, os.path.join(PROGRAMS, "lookup_flood.py"), *map(str, served.endpoint), str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: served.server.answered > 100_000, timeout=10, message="the flood under way")
+        round_trips, ticks = [], []
+
+        def tick():  # a timer greenlet: how late the event loop wakes it tells how long others wait
+            for _ in range(50):
+                if served.server.answered >= count:
+                    return
+                ticks.append(time.monotonic())
+                gevent.sleep(0.01)
+
+        ticker = gevent.spawn(tick)
+        with served.client() as client:
+            for index in range(50):
+                started = time.monotonic()
+                key = f"other{index}@example.com"
+                assert client.query(f"lookup sip_proxy for {key}") == [TABLE.lookup("sip_proxy", key)]
+                if served.server.answered < count:  # measured while the flood went on
+                    round_trips.append(time.monotonic() - started)
+        ticker.join(timeout=10)
+        assert len(round_trips) >= 20 and len(ticks) >= 20, (len(round_trips), len(ticks), "the flood ended first")
+        round_trips.sort()
+        gaps = sorted(later - earlier for earlier, later in itertools.pairwise(ticks))
+        # Without yielding, the loop stays with the flood until it ends; with it, for one batch.
+        assert round_trips[len(round_trips) // 2] < 0.05 and round_trips[-1] < 0.25, round_trips
+        assert gaps[-1] < 0.25, gaps[-5:]
+        # (This process is not monkey-patched: wait cooperatively, the server runs in it.)
+        wait_for(lambda: flood.poll() is not None, timeout=120, interval=0.1, message="the flood answered")
+        assert flood.communicate()[0].strip() == f"answered {count}"
+    finally:
+        flood.kill()
+        flood.wait()
         served.server.stop()
 
 
 def test_a_client_that_never_reads_delays_no_one_and_is_dropped():
     served = Interface(idle_timeout=1.0)
     try:
-        hog = served.raw()
-        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        flood = b"members sip_proxy\r\n" * 200000  # 3.8 MB of queries, 5.4 MB of answers, never read
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so it holds
+        hog.connect(served.endpoint)
+        flood = b"members sip_proxy\r\n" * 500000  # 9.5 MB of queries, 14 MB of answers, never read
 
-        def send_forever():
+        def send_all():
             with contextlib.suppress(OSError):  # the server drops us
                 hog.sendall(flood)
 
-        sender = gevent.spawn(send_forever)
-        wait_for(lambda: served.server.connections == 1, message="the hog connected")
-        gevent.sleep(0.2)
+        sender = gevent.spawn(send_all)
+        samples = []
+
+        def the_server_is_stuck_on_the_hog():
+            # Its answers fill the hog's buffers: the count stops growing long before the flood's end.
+            samples.append(served.server.answered)
+            return len(samples) > 5 and 0 < samples[-1] == samples[-6] < 500000
+
+        wait_for(the_server_is_stuck_on_the_hog, timeout=5, message="the server blocked writing to the hog")
         with served.client() as client:
             started = time.monotonic()
             answers = client.query(*(f"lookup sip_proxy for user{i}@example.com" for i in range(1000)))
@@ -177,6 +317,68 @@ def test_a_client_that_never_reads_delays_no_one_and_is_dropped():
         hog.close()
     finally:
         served.server.stop()
+
+
+def status_body(version, addresses):
+    """A Thor.Members body of sip_proxy nodes at these addresses."""
+    return {
+        "version": version,
+        "manager": "manager1",
+        "members": {
+            f"node{index}": {"name": f"node{index}", "address": address, "roles": ["sip_proxy"]}
+            for index, address in enumerate(addresses)
+        },
+    }
+
+
+def test_lookups_stay_correct_and_answered_while_the_status_changes_under_load():
+    cache = StatusCache()
+    follower = RingFollower(cache)
+    follower.start()
+    served = Interface(table_source=lambda: follower.table)
+    # Networks of 40 and 80 nodes in turn: each change rebuilds a ring of 160,000 to 320,000 points.
+    sets = {
+        version: [f"10.1.{i // 250}.{i % 250 + 1}" for i in range(40 if version % 2 else 80)] for version in range(1, 9)
+    }
+    keys = [f"user{index}@example.com" for index in range(300)]
+    batches, gaps = [], []
+    done = gevent.event.Event()
+
+    def ask():
+        last = time.monotonic()
+        with served.client(timeout=10) as client:
+            while not done.is_set():
+                # A version before and after: tables only get newer, so when they agree every
+                # answer between them came from that one table.
+                answers = client.query("version", *(f"lookup sip_proxy for {key}" for key in keys), "version")
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+                batches.append((int(answers[0]), int(answers[-1]), answers[1:-1]))
+
+    cache.update(status_body(1, sets[1]))
+    assert follower.wait(1, timeout=10)
+    clients = [gevent.spawn(ask) for _ in range(4)]
+    try:
+        for version in range(2, 9):  # back to back: the follower coalesces what comes during a build
+            cache.update(status_body(version, sets[version]))
+            gevent.sleep(0.15)
+        assert follower.wait(8, timeout=20), "the follower did not reach status 8"
+        wait_for(lambda: any(first == last == 8 for first, last, _ in batches), timeout=10, message="answers of 8")
+    finally:
+        done.set()
+        gevent.joinall(clients, timeout=10)
+        follower.stop()
+        served.server.stop()
+    assert all(client.successful() for client in clients), [client.exception for client in clients]
+    reference = {version: HashRing(addresses) for version, addresses in sets.items()}
+    for first, last, answers in batches:
+        assert 1 <= first <= last <= 8
+        for key, owner in zip(keys, answers, strict=True):
+            assert any(owner == reference[version].owner(key) for version in range(first, last + 1)), (key, owner)
+    settled = {first for first, last, _ in batches if first == last}
+    assert len(batches) > 100 and len(settled) >= 3, (len(batches), settled)  # load, across several changes
+    assert max(gaps) < 2.0, max(gaps)  # answered throughout, builds included
 
 
 def test_the_client_says_when_no_one_listens():

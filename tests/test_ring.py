@@ -7,16 +7,13 @@ import os
 import subprocess
 import sys
 
-import gevent
-import gevent.event
 import pytest
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thor.lookup.ring import DEFAULT_POINTS, MAX_KEY_LENGTH, HashRing, InvalidKeyError, key_position, normalize_key
-from thor.lookup.table import LookupTable, NoMembersError, RingFollower
-from thor.membership.status import StatusCache
+from thor.lookup.table import LookupTable, NoMembersError
 
 KEYS = [f"user{index}@example{index % 7}.com" for index in range(3000)]
 
@@ -35,6 +32,11 @@ KEYS = [f"user{index}@example{index % 7}.com" for index in range(3000)]
         ("sip:alice@[2001:db8::1]:5060", "alice@[2001:db8::1]"),
         ("+31201234567@example.com", "+31201234567@example.com"),
         ("bjørn@example.com", "bjørn@example.com"),
+        ("cafe\u0301@example.com", "caf\u00e9@example.com"),  # NFC: one spelling of é
+        ("pres:alice@example.com", "alice@example.com"),
+        ("IM:alice@example.com", "alice@example.com"),
+        ('"Alice Smith" <sip:alice@example.com>;tag=1', "alice@example.com"),
+        ("<sip:alice@example.com>;expires=60", "alice@example.com"),
     ],
 )
 def test_keys_are_normalized_by_the_documented_rules(text, key):
@@ -43,7 +45,22 @@ def test_keys_are_normalized_by_the_documented_rules(text, key):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "alice", "@example.com", "alice@", "a@b@c", "alice @example.com", "al\tice@x", "a\x00@b", "sip:", "x" * 300],
+    [
+        "",
+        "alice",
+        "@example.com",
+        "alice@",
+        "a@b@c",
+        "alice @example.com",
+        "al\tice@x",
+        "a\x00@b",
+        "sip:",
+        "x" * 300,
+        "tel:+1234@example.com",  # not a scheme of subscriber addresses: refused, not misread
+        "mailto:alice@example.com",
+        "alice:secret@example.com",  # a password only after a scheme
+        "<sip:alice@example.com",
+    ],
 )
 def test_what_is_not_a_subscriber_address_is_refused_with_a_reason(text):
     with pytest.raises(InvalidKeyError) as refused:
@@ -122,6 +139,13 @@ def test_three_nodes_share_the_keys_within_5_percent():
     assert max_over_mean(ring, keys) <= 1.05
 
 
+@pytest.mark.parametrize(("count", "target"), [(3, 1.05), (10, 1.10), (100, 1.15)])
+def test_the_default_points_meet_the_balance_targets(count, target):
+    # Exact arcs of the circle, for the address sets of the benchmark (10.0.0.1 ...).
+    shares = HashRing([f"10.0.{index // 250}.{index % 250 + 1}" for index in range(count)]).shares()
+    assert max(shares.values()) * count <= target
+
+
 @settings(max_examples=20, deadline=None)
 @given(addresses=st.sets(st.ip_addresses(v=4).map(str), min_size=2, max_size=12))
 def test_balance_of_any_small_network(addresses):
@@ -131,6 +155,9 @@ def test_balance_of_any_small_network(addresses):
     assert max(shares.values()) * len(addresses) <= 1 + 6 / DEFAULT_POINTS**0.5
 
 
+MOVEMENT_KEYS = [f"mover{index}@example{index % 11}.net" for index in range(20000)]
+
+
 @settings(max_examples=20, deadline=None)
 @given(addresses=st.sets(st.ip_addresses(v=4).map(str), min_size=2, max_size=10), data=st.data())
 def test_when_a_node_leaves_only_its_keys_move_and_when_it_joins_only_its_keys_move(addresses, data):
@@ -138,15 +165,17 @@ def test_when_a_node_leaves_only_its_keys_move_and_when_it_joins_only_its_keys_m
     leaving = data.draw(st.sampled_from(addresses))
     full, smaller = HashRing(addresses), HashRing(set(addresses) - {leaving})
     moved = 0
-    for key in KEYS:
+    for key in MOVEMENT_KEYS:
         before, after = full.owner(key), smaller.owner(key)
         if before == leaving:
             moved += 1
             assert after != leaving
         else:
             assert after == before  # read backwards: a joining node takes keys only for itself
-    # What moves is the leaving node's share, about 1/N (the benchmark compares it with 1/N).
-    assert moved / len(KEYS) <= 1.2 * (1 / len(addresses)) + 3 * (1 / len(KEYS)) ** 0.5
+    # What moves is the leaving node's share: at most 1.2 x the ideal 1/N (the target), give or
+    # take 4 standard deviations of sampling MOVEMENT_KEYS.
+    ideal = 1 / len(addresses)
+    assert moved / len(MOVEMENT_KEYS) <= 1.2 * ideal + 4 * (ideal / len(MOVEMENT_KEYS)) ** 0.5
 
 
 class Status:
@@ -179,51 +208,3 @@ def test_a_new_table_reuses_the_rings_of_unchanged_roles():
     second = LookupTable(2, "m", {"sip_proxy": ["10.0.0.1"], "xcap_server": ["10.0.0.9"]}, previous=first)
     assert second.ring("xcap_server") is first.ring("xcap_server")
     assert second.ring("sip_proxy") is not first.ring("sip_proxy")
-
-
-def status_body(version, addresses):
-    return {
-        "version": version,
-        "manager": "manager1",
-        "members": {
-            f"node{address.rsplit('.', 1)[1]}": {
-                "name": f"node{address.rsplit('.', 1)[1]}",
-                "address": address,
-                "roles": ["sip_proxy"],
-            }
-            for address in addresses
-        },
-    }
-
-
-def test_the_follower_swaps_whole_tables_and_lookups_never_fail_during_a_change():
-    cache = StatusCache()
-    follower = RingFollower(cache)
-    follower.start()
-    sets = [[f"10.0.0.{i}" for i in range(1, 40)], [f"10.0.0.{i}" for i in range(1, 80)]]
-    answered = []
-    done = gevent.event.Event()
-
-    def look():
-        while not done.is_set():
-            table = follower.table
-            if table.version:
-                key = KEYS[len(answered) % len(KEYS)]
-                answered.append((table.version, key, table.lookup("sip_proxy", key)))
-            gevent.sleep(0.0005)  # sleep(0) would starve the loop of the build's completion
-
-    reader = gevent.spawn(look)
-    try:
-        for version in range(1, 7):
-            cache.update(status_body(version, sets[version % 2]))
-            assert follower.wait(version, timeout=10), f"the follower did not reach status {version}"
-        done.set()
-        reader.join(timeout=10)
-        assert reader.successful()
-    finally:
-        follower.stop()
-        reader.kill()
-    reference = {version: LookupTable(version, "m", {"sip_proxy": sets[version % 2]}) for version in range(1, 7)}
-    for version, key, owner in answered:
-        assert owner == reference[version].lookup("sip_proxy", key)
-    assert len({version for version, _, _ in answered}) >= 2  # lookups ran while the status changed

@@ -148,7 +148,8 @@ class ThorNetworkConfig(Section):
         Float(1, 86400), "60", "Seconds between SRV lookups of the event servers (when discovered through DNS)."
     )
     ring_points = Setting(
-        Integer(1, 100000),
+        # At most 20000: 100 nodes x 20000 points is already about 55 MB of rings per role.
+        Integer(1, 20000),
         "4000",
         "Virtual points each node owns on the lookup rings (docs/lookup-protocol.md). Must be the same "
         "on every host of the network, or hosts disagree on who is responsible for a subscriber.",

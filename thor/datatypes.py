@@ -133,7 +133,7 @@ class Float(Datatype):
         return value
 
 
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
 
 def _check_hostname(text):

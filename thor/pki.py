@@ -60,7 +60,7 @@ REVOCATION_REASONS = {
     "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
 }
 
-_NODE_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_NODE_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\Z")
 
 
 class PKIError(Exception):

@@ -32,7 +32,7 @@ SERVICE_ROLES = frozenset(
 
 BUILTIN_ROLES = INFRASTRUCTURE_ROLES | SERVICE_ROLES
 
-_ROLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_ROLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
 
 
 class RoleError(ValueError):

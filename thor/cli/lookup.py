@@ -20,6 +20,8 @@ from thor.lookup.client import LookupClient, LookupClientError
 from thor.lookup.config import LOOKUP_PORT
 
 EX_UNAVAILABLE = 69
+# `thor status` reads the status again when it changed while being read; it gives up after this many.
+STATUS_ATTEMPTS = 5
 
 
 def parse_server(text):
@@ -85,12 +87,24 @@ def run(client, options):
     if options.command == "members":
         (line,) = client.query(f"members {options.role}")
         return _single(line, {"role": options.role}, {"members": line.split()})
-    version, roles = client.query("version", "roles")
-    for line in (version, roles):
-        if line.startswith("error "):
-            return {"text": line, "error": line[len("error ") :]}, False
-    names = roles.split()
-    answers = client.query(*(f"members {role}" for role in names)) if names else []
+    return _status(client)
+
+
+def _status(client):
+    # The answers of one query each come from whichever status is current: ask again until
+    # the version is the same after the members as before, so all of them are of one status.
+    for _ in range(STATUS_ATTEMPTS):
+        version, roles = client.query("version", "roles")
+        for line in (version, roles):
+            if line.startswith("error "):
+                return {"text": line, "error": line[len("error ") :]}, False
+        names = roles.split()
+        *answers, after = client.query(*(f"members {role}" for role in names), "version")
+        if after == version:
+            break
+    else:
+        problem = f"the network status changed during each of {STATUS_ATTEMPTS} attempts to read it"
+        return {"text": f"error busy {problem}", "error": f"busy {problem}"}, False
     members = {role: line.split() for role, line in zip(names, answers, strict=True)}
     text = "\n".join([f"version {version}", *(f"{role}: {' '.join(members[role])}" for role in names)])
     return {"text": text, "version": int(version), "roles": members}, True

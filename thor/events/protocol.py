@@ -22,8 +22,8 @@ PROTOCOL_VERSION = 1
 # every connected member can outgrow what members may send).
 MAX_SERVER_FRAME_SIZE = 16 << 20
 MAX_TOPICS_PER_FRAME = 64
-_TOPIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 # Error codes; the first group ends the connection.
 MALFORMED = "malformed"

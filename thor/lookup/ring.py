@@ -19,6 +19,7 @@ everywhere, not for security.
 import bisect
 import functools
 import re
+import unicodedata
 from array import array
 
 try:  # CPython's built-in MD5 is faster than OpenSSL's for short texts; the digest is the same.
@@ -26,7 +27,15 @@ try:  # CPython's built-in MD5 is faster than OpenSSL's for short texts; the dig
 except ImportError:  # pragma: no cover
     from hashlib import md5
 
-__all__ = ["DEFAULT_POINTS", "MAX_KEY_LENGTH", "HashRing", "InvalidKeyError", "key_position", "normalize_key"]
+__all__ = [
+    "DEFAULT_POINTS",
+    "MAX_KEY_LENGTH",
+    "URI_SCHEMES",
+    "HashRing",
+    "InvalidKeyError",
+    "key_position",
+    "normalize_key",
+]
 
 # Measured (docs/benchmarks.md): with the original's 1000 points, 8% of random
 # 3-node networks give one node more than 1.05 x its fair share; with 4000 none
@@ -34,6 +43,8 @@ __all__ = ["DEFAULT_POINTS", "MAX_KEY_LENGTH", "HashRing", "InvalidKeyError", "k
 DEFAULT_POINTS = 4000
 
 MAX_KEY_LENGTH = 256
+# The URI schemes of a subscriber's address of record: SIP, and presence and IM (RFC 3859, 3860).
+URI_SCHEMES = ("sip", "sips", "pres", "im")
 
 _BUCKET_BITS = 16
 _BUCKET_SHIFT = 64 - _BUCKET_BITS
@@ -50,21 +61,23 @@ class InvalidKeyError(ValueError):
 def normalize_key(text):
     """The ring key of a subscriber address: "user@domain", lowercase.
 
-    "Alice@Example.COM", "sip:alice@example.com", "<sips:alice@example.com:5061;transport=tls>"
-    all give "alice@example.com". Rules: surrounding blanks and angle brackets
-    go; a sip: or sips: scheme goes; URI parameters (;...) and headers (?...)
-    go; a password (user:password@) and a port after the domain go; everything is lowercased (the user part
-    too: two subscribers differing only in case share a node, which is
-    harmless, while one subscriber spread over two nodes would not be).
-    What remains must be user@domain, printable, without blanks, at most
-    MAX_KEY_LENGTH characters.
+    "Alice@Example.COM", "sip:alice@example.com", '"Alice" <sips:alice@example.com:5061;transport=tls>;tag=1'
+    all give "alice@example.com". Rules (docs/lookup-protocol.md): surrounding blanks go; of a
+    name-addr only the URI between < and > counts; a sip:, sips:, pres: or im: scheme goes (any
+    other scheme is refused); URI parameters (;...) and headers (?...) go; a password
+    (user:password@) and a port after the domain go; everything is lowercased (the user part
+    too: two subscribers differing only in case share a node, which is harmless, while one
+    subscriber spread over two nodes would not be) and non-ASCII text is put in Unicode NFC.
+    What remains must be user@domain, printable, without blanks, at most MAX_KEY_LENGTH characters.
     """
     # The hot path of every lookup: a plain ASCII "user@domain" takes one match.
     if len(text) <= MAX_KEY_LENGTH and text.isascii() and _plain_key(text):
         return text.lower()
     key = text.strip().lower()
+    if not key.isascii():  # one spelling of "café" for the ring, whichever the client sent
+        key = unicodedata.normalize("NFC", key)
     if ":" in key or ";" in key or "?" in key or "<" in key:
-        key = _strip_uri(key)
+        key = _strip_uri(text, key)
     at = key.find("@")
     # isprintable() is False for tabs and line breaks, True for spaces.
     if (
@@ -87,13 +100,22 @@ def _refuse(text, key):
     raise InvalidKeyError(f"{_shown(text)} is not a subscriber address: expected one @ and no blanks")
 
 
-def _strip_uri(key):
-    if key.startswith("<") and key.endswith(">"):
-        key = key[1:-1].strip()
-    if key.startswith("sip:"):
-        key = key[4:]
-    elif key.startswith("sips:"):
-        key = key[5:]
+def _strip_uri(text, key):
+    start = key.find("<")
+    if start >= 0:  # a name-addr: the display name before and the header parameters after go
+        end = key.find(">", start)
+        if end < 0:
+            raise InvalidKeyError(f"{_shown(text)} is not a subscriber address: a < without its >")
+        key = key[start + 1 : end].strip()
+    scheme, colon, rest = key.partition(":")
+    schemed = bool(colon) and "@" not in scheme  # a colon after the @ is a port's
+    if schemed:
+        if scheme not in URI_SCHEMES:
+            raise InvalidKeyError(
+                f"{_shown(text)} is not a subscriber address: expected user@domain or a "
+                f"{', '.join(name + ':' for name in URI_SCHEMES)} URI"
+            )
+        key = rest
     key = key.partition(";")[0].partition("?")[0]
     user, at, host = key.rpartition("@")
     if at:

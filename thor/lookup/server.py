@@ -31,7 +31,7 @@ def answer(table, line):
         if count != 4 or words[2].lower() != "for":
             return error("syntax", "expected: lookup ROLE for USER@DOMAIN")
         if not table.version:
-            return error("no-status", "no network status received yet")
+            return _no_status(table)
         try:
             return table.lookup(words[1], words[3])
         except NoMembersError:
@@ -45,19 +45,15 @@ def answer(table, line):
             address = str(ipaddress.ip_address(words[1]))
         except ValueError:
             return error("bad-address", f"{words[1][:60]!r} is not an IP address")
-        return "Yes" if table.is_online(address, words[3]) else "No"
+        return _unknown_role(words[3]) or _no_status(table) or ("Yes" if table.is_online(address, words[3]) else "No")
     if command == "members":
         if count != 2:
             return error("syntax", "expected: members ROLE")
-        if not table.version:
-            return error("no-status", "no network status received yet")
-        return " ".join(table.members(words[1]))
+        return _unknown_role(words[1]) or _no_status(table) or " ".join(table.members(words[1]))
     if command == "roles":
         if count != 1:
             return error("syntax", "expected: roles")
-        if not table.version:
-            return error("no-status", "no network status received yet")
-        return " ".join(table.roles)
+        return _no_status(table) or " ".join(table.roles)
     if command == "version":
         if count != 1:
             return error("syntax", "expected: version")
@@ -65,12 +61,22 @@ def answer(table, line):
     return error("unknown-command", "expected one of: lookup, is_online, members, roles, version, quit")
 
 
-def _no_members(role):
+def _no_status(table):
+    """The error line while the node has no network status; None once it has one."""
+    return None if table.version else error("no-status", "no network status received yet")
+
+
+def _unknown_role(role):
+    """The error line for a text that is not a role name; None for a role name."""
     try:
         check_role_name(role)
     except RoleError:
         return error("bad-role", f"{role[:60]!r} is not a role name")
-    return error("no-members", f"no live member has the role {role}")
+    return None
+
+
+def _no_members(role):
+    return _unknown_role(role) or error("no-members", f"no live member has the role {role}")
 
 
 class LookupServer(LineServer):

@@ -16,6 +16,10 @@ __all__ = ["LookupTable", "NoMembersError", "RingFollower"]
 
 log = logging.getLogger("thor.lookup")
 
+# Seconds before building a failed table again, doubling up to RETRY_MAX.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
 
 class NoMembersError(LookupError):
     """No live member has the role."""
@@ -118,6 +122,7 @@ class RingFollower:
 
     def _run(self):
         threadpool = gevent.get_hub().threadpool
+        retry = RETRY_FIRST
         while True:
             self._wanted.wait()
             self._wanted.clear()
@@ -127,8 +132,18 @@ class RingFollower:
             try:
                 table = threadpool.apply(LookupTable.from_status, (status, self.points, self.table))
             except Exception:
-                log.exception("building the rings of status %s failed; keeping %s", status.version, self.table.version)
+                # (Out of memory, say.) The status will not come again by itself: try again.
+                log.exception(
+                    "building the rings of status %s failed; keeping %s, trying again in %s s",
+                    status.version,
+                    self.table.version,
+                    retry,
+                )
+                gevent.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
+                self._wanted.set()
                 continue
+            retry = RETRY_FIRST
             old, self.table = self.table, table
             for callback in tuple(self._callbacks):
                 try:

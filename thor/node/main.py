@@ -12,7 +12,7 @@ import time
 import gevent
 
 from thor.config import ThorNetworkConfig, TLSConfig
-from thor.daemon import StartupError, run
+from thor.daemon import StartupError, raise_file_limit, run
 from thor.events.topics import USAGE
 from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
@@ -24,6 +24,9 @@ from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, wat
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
+
+# The SIP proxy's processes on this host keep one connection each to the account cache.
+ACCOUNTS_MAX_CONNECTIONS = 100
 
 
 class NodeDaemon(MemberDaemon):
@@ -68,9 +71,13 @@ class NodeDaemon(MemberDaemon):
             lookup.listen,
             lambda: self.rings.table,
             max_connections=lookup.max_connections,
+            max_connections_per_address=lookup.max_connections_per_address,
             idle_timeout=lookup.idle_timeout,
             max_line_length=lookup.max_line_length,
         )
+        # Lookup clients, the SIP proxy's HTTP connections, event servers, health checks and files:
+        # running out of descriptors would fail the health checks and withdraw the node's roles.
+        raise_file_limit(self.lookup_server.file_descriptors + ACCOUNTS_MAX_CONNECTIONS + 256)
         try:
             self.lookup_server.start()
         except OSError as problem:
@@ -84,7 +91,7 @@ class NodeDaemon(MemberDaemon):
                 settings.accounts_listen,
                 accounts_application(self.accounts),
                 logging.getLogger("thor.node.accounts"),
-                max_connections=100,
+                max_connections=ACCOUNTS_MAX_CONNECTIONS,
                 idle_timeout=lookup.idle_timeout,
             )
             self.accounts_server.start()
