@@ -68,9 +68,10 @@ class Kamailio:
             return stream.read()
 
 
-def register(port, username, domain, password, host="127.0.0.1", timeout=5.0):
+def register(port, username, domain, password, host="127.0.0.1", timeout=5.0, to=None):
     """REGISTER username@domain at the proxy on host:port over UDP, answering one digest
-    challenge with password; the final status (code, reason)."""
+    challenge with password; the final status (code, reason). to: another address for the
+    To header (the address the binding would be saved under)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.connect((host, port))
@@ -84,7 +85,7 @@ def register(port, username, domain, password, host="127.0.0.1", timeout=5.0):
                 f"Via: SIP/2.0/UDP {local_host}:{local_port};branch=z9hG4bK{os.urandom(6).hex()};rport",
                 "Max-Forwards: 70",
                 f"From: <sip:{username}@{domain}>;tag={tag}",
-                f"To: <sip:{username}@{domain}>",
+                f"To: <sip:{to or f'{username}@{domain}'}>",
                 f"Call-ID: {call_id}",
                 f"CSeq: {cseq} REGISTER",
                 f"Contact: <sip:{username}@{local_host}:{local_port}>",

@@ -13,7 +13,7 @@ from eventbus import Recorder, client, start_eventservers
 from gevent import socket
 
 from thor.events import protocol
-from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE
+from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE, PROVISIONING, accounts_topic
 from thor.transport.tls import TLSContexts, TLSError, connect
 
 APP = "App.Test"
@@ -198,6 +198,37 @@ def test_forbidden_publish_is_refused_and_other_traffic_continues(pki, cluster):
         (PRESENCE, {"name": "node1", "roles": ["sip_proxy"]}),
         (APP, "hello"),
     ]
+
+
+def test_digest_hashes_are_delivered_only_to_the_members_that_serve_them(pki, cluster):
+    """Thor.Provisioning only to sip_proxy certificates, Thor.Accounts.NAME only to NAME."""
+    start, clients = cluster
+    servers = start(2)
+    ngnpro = client(pki, "ngnpro1", "provisioning_server", servers)
+    node = client(pki, "node1", "sip_proxy", servers)
+    relay = client(pki, "relay1", "media_relay", servers)
+    other_node = client(pki, "node2", "sip_proxy", servers)
+    clients.extend([ngnpro, node, relay, other_node])
+    errors = []
+    relay.on_error(lambda link, frame: errors.append(frame))
+    other_node.on_error(lambda link, frame: errors.append(frame))
+    node_got, relay_got, other_got = Recorder(), Recorder(), Recorder()
+    node.subscribe(PROVISIONING, node_got)
+    node.subscribe(accounts_topic("node1"), node_got)
+    relay.subscribe(PROVISIONING, relay_got)
+    other_node.subscribe(accounts_topic("node1"), other_got)
+    wait_for(lambda: len(errors) == 4, message="4 refused subscriptions (2 per server)")
+    assert {(frame["code"], frame["topic"]) for frame in errors} == {
+        ("forbidden", PROVISIONING),
+        ("forbidden", accounts_topic("node1")),
+    }
+    settle(node, relay, other_node)
+    ngnpro.publish(PROVISIONING, {"changes": []})
+    ngnpro.publish(accounts_topic("node1"), {"request": "r1"})
+    wait_for(lambda: len(node_got.messages) == 2, message="node1 receives both")
+    settle(ngnpro, node, relay, other_node)
+    assert relay_got.messages == [] and other_got.messages == []
+    assert relay.connected_servers == ["es1", "es2"]  # refused, not disconnected
 
 
 def test_revoked_and_foreign_certificates_are_refused(pki, other_pki, cluster):

@@ -15,12 +15,20 @@ import zeep
 import zeep.exceptions
 import zeep.transports
 from conftest import wait_for
+from eventbus import Recorder
+from eventbus import client as event_client
 from kamailio import Kamailio, register
 from overlay import Overlay, wait_status
 from pdns import PostgreSQL
 from processes import free_port
 
-from thor.events.topics import ForbiddenError, authorize_publish
+from thor.events.topics import (
+    ACCOUNTS_WANTED,
+    ForbiddenError,
+    accounts_topic,
+    authorize_publish,
+    authorize_subscribe,
+)
 from thor.lookup.table import LookupTable
 from thor.transport.tls import PeerIdentity
 
@@ -229,6 +237,14 @@ def test_domains_accounts_and_aliases_with_clear_faults(network):
     assert fault_code(soap.addAccount, account("alice")) == "Client.Conflict"
     assert fault_code(soap.addAccount, account("bob", password="short")) == "Client.InvalidInput"
     assert fault_code(soap.addAccount, account("Bad Name")) == "Client.InvalidInput"
+    assert fault_code(soap.addDomain, "exa\n.com") == "Client.InvalidInput"  # no line break slips through
+    long_domain = ".".join(["d" * 63] * 3) + ".com"  # 195 characters: a domain, but with
+    soap.addDomain(long_domain)  # a 64-character user, longer than a subscriber address may be
+    assert fault_code(soap.addAccount, {**account("u" * 64), "id": {"username": "u" * 64, "domain": long_domain}}) == (
+        "Client.InvalidInput"
+    )
+    soap.deleteDomain(long_domain)
+    assert fault_code(soap.getAccounts, DOMAIN, 10, 2**40) == "Client.InvalidInput"
     got = soap.getAccount({"username": "alice", "domain": DOMAIN})
     assert (got.firstName, got.email, got.enabled, got.password) == ("Alice", "alice@example.org", True, None)
     assert got.ha1 == ha1("alice", "a-good-password")
@@ -319,6 +335,11 @@ def test_kamailio_authenticates_subscribers_with_the_node_cache(network, tmp_pat
         assert register(kamailio.port, "alice", DOMAIN, "wrong-password")[0] == 401  # challenged again
         assert register(kamailio.port, "mallory", DOMAIN, "any-password")[0] == 403
         assert register(kamailio.port, "x/../alice", DOMAIN, "alices-password") == (403, "Not A Subscriber Address")
+        # alice's own credentials do not let her take bob's calls: the binding is saved under To.
+        assert register(kamailio.port, "alice", DOMAIN, "alices-password", to=f"bob@{DOMAIN}") == (
+            403,
+            "To Must Be The Authenticated Subscriber",
+        )
         soap.changePassword({"username": "alice", "domain": DOMAIN}, "a-new-password")
         wait_for(
             lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password")[0] == 200,
@@ -393,6 +414,26 @@ def test_two_ngnpro_share_the_database_and_either_serves_the_nodes(network):
     assert "Traceback" not in second.log()
 
 
+def test_a_member_asking_for_another_nodes_accounts_gets_nothing(network):
+    network.start_nodes("node1")
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("alice"))
+    wait_for(lambda: cached(network.nodes["node1"], f"alice@{DOMAIN}"), message="alice cached on node1")
+    rogue = event_client(network.pki, "rogue", "sip_proxy", network.overlay.eventservers)
+    try:
+        answers = Recorder()
+        rogue.subscribe(accounts_topic("rogue"), answers)
+        assert rogue.sync(timeout=5)
+        version = network.observer.status.status.version
+        body = {"name": "rogue", "address": NODE_ADDRESSES["node1"], "request": "r1", "ring": version}
+        rogue.publish(ACCOUNTS_WANTED, body)
+        network.ngnpro.wait_log("rogue is not a live sip_proxy at 127.0.4.11; not answering")
+        assert rogue.sync(timeout=5) and answers.messages == []
+    finally:
+        rogue.stop(flush_timeout=0)
+
+
 def test_status_and_usage_statistics_from_the_nodes(network):
     network.start_nodes("node1", "node2")
     soap = network.client()
@@ -415,12 +456,13 @@ def test_status_and_usage_statistics_from_the_nodes(network):
 
 
 def test_10000_accounts_while_nodes_join_and_leave(network):
-    """Every account readable from its current owner, none lost, none stale."""
+    """Every account readable from its current owner, none lost, none stale, the deleted ones nowhere."""
     network.start_nodes("node1", "node2", "node3")
     soap = network.client()
     soap.addDomain(DOMAIN)
     total = 10000
     passwords = {}
+    deleted = set()
     errors = []
     progress = [0]
 
@@ -436,6 +478,10 @@ def test_10000_accounts_while_nodes_join_and_leave(network):
                 if index % 10 == 0:  # some accounts change again while the ring moves
                     client.changePassword({"username": username, "domain": DOMAIN}, f"changed-{index}")
                     passwords[username] = f"changed-{index}"
+                if index % 50 == 25:  # and some go again
+                    client.deleteAccount({"username": username, "domain": DOMAIN})
+                    del passwords[username]
+                    deleted.add(username)
             except Exception as error:
                 errors.append(f"{username}: {error}")
             progress[0] += 1
@@ -453,18 +499,18 @@ def test_10000_accounts_while_nodes_join_and_leave(network):
     # Wait without blocking the event loop: the in-process observer keeps its links alive meanwhile.
     wait_for(lambda: not any(thread.is_alive() for thread in workers), timeout=600, interval=0.1, message="all done")
     assert not errors, errors[:5]
-    assert len(passwords) == total
+    assert len(passwords) == total - len(deleted) == total - total // 50
     expected_members = {NODE_ADDRESSES[name] for name in ("node1", "node3", "node4", "node5")}
     status = network.status(lambda s: set(s.addresses("sip_proxy")) == expected_members, "final ring")
     table = LookupTable.from_status(status)
-    keys = [f"sub{index}@{DOMAIN}" for index in range(total)]
+    keys = [f"{username}@{DOMAIN}" for username in passwords]
     owners = {key: table.lookup("sip_proxy", key) for key in keys}
 
     def converged():
         readers = {name: CacheReader(node, timeout=30) for name, node in network.nodes.items()}
         try:
             mine = {name: [key for key in keys if owners[key] == NODE_ADDRESSES[name]] for name in readers}
-            # Each holds exactly as many as it owns (cheap; asked first) ...
+            # Each holds exactly as many as it owns, so no deleted one (cheap; asked first) ...
             for name, reader in readers.items():
                 if json.loads(reader.get("/accounts")[1]) != {"accounts": len(mine[name]), "aliases": 0}:
                     return False
@@ -504,3 +550,25 @@ def test_only_provisioning_servers_push_accounts_and_members_speak_for_themselve
     else:
         with pytest.raises(ForbiddenError):
             authorize_publish(identity, topic, body)
+
+
+@pytest.mark.parametrize(
+    ("name", "roles", "topic", "allowed"),
+    [
+        ("node1", {"sip_proxy"}, "Thor.Provisioning", True),
+        ("relay1", {"media_relay"}, "Thor.Provisioning", False),
+        ("ngnpro1", {"provisioning_server"}, "Thor.Provisioning", False),
+        ("node1", {"sip_proxy"}, "Thor.Accounts.node1", True),
+        ("node1", {"sip_proxy"}, "Thor.Accounts.node2", False),
+        ("ngnpro1", {"provisioning_server"}, "Thor.Accounts.node1", False),
+        ("relay1", {"media_relay"}, "Thor.Members", True),
+        ("relay1", {"media_relay"}, "Thor.Usage", True),
+    ],
+)
+def test_digest_hashes_are_read_only_by_the_nodes_that_serve_them(name, roles, topic, allowed):
+    identity = PeerIdentity(name, roles, 1, ("127.0.0.1", 1))
+    if allowed:
+        authorize_subscribe(identity, topic)
+    else:
+        with pytest.raises(ForbiddenError):
+            authorize_subscribe(identity, topic)

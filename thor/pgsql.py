@@ -4,7 +4,12 @@ import gevent.socket
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["cooperative", "one_line"]
+__all__ = ["connect", "cooperative", "one_line"]
+
+# A database host that vanishes (no reset) fails a connection within about this many seconds,
+# rather than the kernel's 15 minutes of retransmissions: keepalives for a connection that waits
+# on an answer, a user timeout for one whose data goes unacknowledged.
+DEAD_PEER_SECONDS = 10
 
 
 def _gevent_wait(connection, timeout=None):
@@ -23,6 +28,20 @@ def _gevent_wait(connection, timeout=None):
 def cooperative():
     """Make every psycopg2 connection of this process wait through gevent (call before connecting)."""
     psycopg2.extensions.set_wait_callback(_gevent_wait)
+
+
+def connect(dsn, connect_timeout=5, statement_timeout=15, lock_timeout=5):
+    """A connection whose statements, locks and dead peers all fail in bounded time."""
+    return psycopg2.connect(
+        dsn,
+        connect_timeout=connect_timeout,
+        keepalives=1,
+        keepalives_idle=DEAD_PEER_SECONDS // 2,
+        keepalives_interval=1,
+        keepalives_count=DEAD_PEER_SECONDS // 2,
+        tcp_user_timeout=DEAD_PEER_SECONDS * 1000,
+        options=f"-c lock_timeout={int(lock_timeout * 1000)} -c statement_timeout={int(statement_timeout * 1000)}",
+    )
 
 
 def one_line(error):

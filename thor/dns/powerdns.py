@@ -15,7 +15,7 @@ import time
 
 import psycopg2
 
-from thor.pgsql import cooperative, one_line
+from thor.pgsql import connect, cooperative, one_line
 
 __all__ = ["PowerDNSError", "PowerDNSZone"]
 
@@ -65,11 +65,7 @@ class PowerDNSZone:
     def _connect(self):
         if self._connection is None or self._connection.closed:
             # Another thor-dns holding the zone's lock, or a stuck statement, fails in bounded time.
-            self._connection = psycopg2.connect(
-                self.dsn,
-                connect_timeout=self.connect_timeout,
-                options="-c lock_timeout=5000 -c statement_timeout=15000",
-            )
+            self._connection = connect(self.dsn, connect_timeout=self.connect_timeout)
             self._ensure_schema()
         return self._connection
 

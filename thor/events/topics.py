@@ -1,10 +1,11 @@
-"""Topics of the event bus and who may publish on them.
+"""Topics of the event bus, who may publish on them and who may read them.
 
 Names known from AG Projects' public consumers of the original thor library
 are kept: Thor.Presence, Thor.Leave, Thor.Members, Thor.Statistics. Topics
 under "Thor." are reserved: each has a rule below, and an unknown Thor.*
 topic is refused. Other topics are free for applications to use between
-authenticated members.
+authenticated members. Most topics may be read by every member; those that
+carry subscribers' digest hashes only by the members that need them.
 """
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ForbiddenError",
     "accounts_topic",
     "authorize_publish",
+    "authorize_subscribe",
 ]
 
 PRESENCE = "Thor.Presence"
@@ -60,10 +62,12 @@ def _own_name(identity, body):
         raise ForbiddenError(f"this must carry the publisher's own name {identity.name!r}")
 
 
-def _role(role):
-    def rule(identity, body):
+def _role(role, what="publish this"):
+    """A rule (identity, body or topic) that lets only certificates granting role do what."""
+
+    def rule(identity, _):
         if role not in identity.roles:
-            raise ForbiddenError(f"only {role} certificates may publish this")
+            raise ForbiddenError(f"only {role} certificates may {what}")
 
     return rule
 
@@ -88,17 +92,43 @@ PREFIX_RULES = {
 }
 
 
+def _addressee(identity, topic):
+    if topic != accounts_topic(identity.name):
+        raise ForbiddenError(f"only {topic[len(ACCOUNTS_PREFIX) :]!r} may subscribe to {topic}")
+
+
+# Who may read: every member, but for these.
+SUBSCRIBE_RULES = {
+    PROVISIONING: _role("sip_proxy", f"subscribe to {PROVISIONING}: it carries digest hashes"),
+}
+SUBSCRIBE_PREFIX_RULES = {
+    ACCOUNTS_PREFIX: _addressee,
+}
+
+
 def accounts_topic(name):
     """The topic on which a node receives the accounts it asked for."""
     return ACCOUNTS_PREFIX + name
 
 
+def _rule(topic, rules, prefix_rules):
+    rule = rules.get(topic)
+    if rule is None:
+        rule = next((rule for prefix, rule in prefix_rules.items() if topic.startswith(prefix)), None)
+    return rule
+
+
 def authorize_publish(identity, topic, body):
     """Raise ForbiddenError unless identity may publish body on topic."""
-    rule = RULES.get(topic)
-    if rule is None:
-        rule = next((rule for prefix, rule in PREFIX_RULES.items() if topic.startswith(prefix)), None)
+    rule = _rule(topic, RULES, PREFIX_RULES)
     if rule is not None:
         rule(identity, body)
     elif topic.startswith(RESERVED_PREFIX):
         raise ForbiddenError(f"{topic} is a reserved topic with no publisher")
+
+
+def authorize_subscribe(identity, topic):
+    """Raise ForbiddenError unless identity may receive what is published on topic."""
+    rule = _rule(topic, SUBSCRIBE_RULES, SUBSCRIBE_PREFIX_RULES)
+    if rule is not None:
+        rule(identity, topic)

@@ -317,6 +317,12 @@ class EventServer:
         for topic in names:
             if topic in connection.subscriptions:
                 continue
+            try:
+                topics.authorize_subscribe(connection.identity, topic)
+            except topics.ForbiddenError as reason:
+                log.warning("refused subscription of %s to %s: %s", connection, topic, reason)
+                connection.refuse(protocol.FORBIDDEN, str(reason), topic=topic)
+                continue
             if len(connection.subscriptions) >= self.limits.max_subscriptions:
                 connection.refuse(protocol.LIMIT, f"at most {self.limits.max_subscriptions} subscriptions", topic=topic)
                 return

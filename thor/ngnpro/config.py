@@ -34,7 +34,10 @@ class NGNProConfig(Section):
     statement_timeout = Setting(Float(0.5, 600), "15", "Seconds a database statement may take before it fails.")
     pool_size = Setting(Integer(1, 100), "8", "Database connections at most.")
     batch_size = Setting(
-        Integer(10, 10000), "500", "Accounts per message when a node loads the accounts it is responsible for."
+        Integer(10, 2000),
+        "500",
+        "Accounts per message when a node loads the accounts it is responsible for (fewer when they "
+        "would pass about 256 KiB).",
     )
 
     def validate(self):

@@ -11,12 +11,14 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib
 import logging
 import ssl
 import sys
 import time
 
 import gevent
+import gevent.lock
 import psycopg2.extensions
 
 from thor.config import ThorNetworkConfig, TLSConfig
@@ -25,7 +27,7 @@ from thor.events.topics import ACCOUNTS_WANTED, USAGE, accounts_topic
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
 from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
-from thor.ngnpro.provisioning import Provisioning
+from thor.ngnpro.provisioning import Provisioning, record_batches, usage_report
 from thor.ngnpro.soap import wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
 from thor.transport.http import HTTPServer
@@ -34,6 +36,10 @@ from thor.transport.tls import format_address
 ROLE = "provisioning_server"
 NODE_ROLE = "sip_proxy"
 MAX_CLIENTS = 1000
+# Nodes' loads read at once (each holds a database connection and a snapshot); more wait.
+MAX_LOADS = 2
+# Usage reports kept (one per node name).
+MAX_NODES = 100000
 http_log = logging.getLogger("ngnpro.http")
 IDLE_TIMEOUT = 60
 
@@ -51,6 +57,8 @@ class NGNProDaemon(MemberDaemon):
         settings = self.config[NGNProConfig]
         tls = self.config[TLSConfig]
         self.usage = {}
+        self._loads = {}  # node name -> the greenlet answering its latest request
+        self._load_slots = gevent.lock.BoundedSemaphore(MAX_LOADS)
         self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
         self.store = Store(
             self._database_dsn, pool_size=settings.pool_size, statement_timeout=settings.statement_timeout
@@ -83,6 +91,7 @@ class NGNProDaemon(MemberDaemon):
         self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))
 
     def teardown(self):
+        gevent.killall(tuple(self._loads.values()), block=False)
         self.server.stop(timeout=2)
         self.rings.stop()
         self.store.close()
@@ -111,9 +120,9 @@ class NGNProDaemon(MemberDaemon):
         return min(servers, key=lambda entity: (entity["since"], entity["name"]))["name"] == self.identity.name
 
     def _usage(self, message):
-        body = message.body
-        if isinstance(body, dict) and isinstance(body.get("name"), str) and len(self.usage) < 100000:
-            self.usage[body["name"]] = (time.time(), body)
+        report = usage_report(message.body)
+        if report is not None and (report["name"] in self.usage or len(self.usage) < MAX_NODES):
+            self.usage[report["name"]] = (time.time(), report)
 
     def _accounts_wanted(self, message):
         body = message.body
@@ -124,32 +133,53 @@ class NGNProDaemon(MemberDaemon):
             return
         if not isinstance(ring, int) or isinstance(ring, bool):
             return
-        gevent.spawn(self._send_accounts, name, address, request[:128], ring)
+        # A node asks again when an answer takes too long: the newer request replaces the older.
+        superseded = self._loads.pop(name, None)
+        if superseded is not None:
+            superseded.kill(block=False)
+        self._loads[name] = gevent.spawn(self._send_accounts, name, address, request[:128], ring)
 
     def _send_accounts(self, name, address, request, ring_version):
         """Every account and alias node `address` owns, on its topic, in parts, from one snapshot."""
-        if not self.rings.wait(ring_version, timeout=10):
-            self.log.warning("account request %s: no ring of status %s yet; not answering", request, ring_version)
-            return
+        try:
+            if not self.rings.wait(ring_version, timeout=10):
+                self.log.warning("account request %s: no ring of status %s yet; not answering", request, ring_version)
+                return
+            entity = self.member.status.status.members.get(name)
+            if entity is None or entity.get("address") != address or NODE_ROLE not in entity.get("roles", ()):
+                self.log.warning(
+                    "account request %s: %s is not a live %s at %s; not answering", request, name, NODE_ROLE, address
+                )
+                return
+            with self._load_slots:  # a snapshot holds a database connection for the whole load
+                self._send_snapshot(name, address, request)
+        finally:
+            if self._loads.get(name) is gevent.getcurrent():
+                del self._loads[name]
+
+    def _send_snapshot(self, name, address, request):
         ring = self.rings.table.ring(NODE_ROLE)
         topic = accounts_topic(name)
-        batch_size = self.config[NGNProConfig].batch_size
-        part, batch, total = 0, [], 0
+        held, part, total = [], 0, 0  # each part is sent once the next exists, so the last is marked last
         try:
-            for changes in self.store.snapshot():
-                for change in changes:
-                    if ring is None or ring.owner(change["key"]) != address:
-                        continue
-                    batch.append(change)
-                    if len(batch) >= batch_size:
-                        self.client.publish(topic, {"request": request, "part": part, "records": batch, "last": False})
-                        part, total, batch = part + 1, total + len(batch), []
+            with contextlib.closing(self.store.snapshot()) as snapshot:
+                owned = (
+                    change
+                    for changes in snapshot
+                    for change in changes
+                    if ring is not None and ring.owner(change["key"]) == address
+                )
+                for batch in record_batches(owned, self.config[NGNProConfig].batch_size):
+                    if held:
+                        self.client.publish(topic, {"request": request, "part": part, "records": held, "last": False})
+                        part, total = part + 1, total + len(held)
                         gevent.sleep(0)
+                    held = batch
         except StoreUnavailableError as problem:
             self.log.warning("account request %s of %s not answered: %s", request, name, problem)
             return
-        self.client.publish(topic, {"request": request, "part": part, "records": batch, "last": True})
-        self.log.info("account request %s: sent %d entries to %s", request, total + len(batch), name)
+        self.client.publish(topic, {"request": request, "part": part, "records": held, "last": True})
+        self.log.info("account request %s: sent %d entries to %s", request, total + len(held), name)
 
 
 def main(argv=None):

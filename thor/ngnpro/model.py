@@ -12,12 +12,20 @@ account keeps the two digest hashes SIP proxies check credentials with
 import hashlib
 import re
 
-from thor.lookup.ring import normalize_key
+from thor.lookup.ring import MAX_KEY_LENGTH, normalize_key
 
-__all__ = ["InvalidInputError", "account_record", "check_domain", "check_password", "check_username", "digests"]
+__all__ = [
+    "InvalidInputError",
+    "account_record",
+    "check_domain",
+    "check_password",
+    "check_sip_id",
+    "check_username",
+    "digests",
+]
 
-_USERNAME = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_USERNAME = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}\Z")
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 128
 MAX_TEXT = 128
@@ -40,6 +48,15 @@ def check_domain(value):
     if len(value) > 253 or len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         raise InvalidInputError("domain: expected a DNS name such as example.com")
     return value
+
+
+def check_sip_id(username, domain, name="id"):
+    """(username, domain) of an account or alias, checked; together they are its ring key, so they
+    must fit in one (docs/lookup-protocol.md)."""
+    username, domain = check_username(username), check_domain(domain)
+    if len(username) + 1 + len(domain) > MAX_KEY_LENGTH:
+        raise InvalidInputError(f"{name}: username@domain may have at most {MAX_KEY_LENGTH} characters")
+    return username, domain
 
 
 def check_password(value):

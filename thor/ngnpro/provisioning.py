@@ -8,6 +8,7 @@ converges: nodes reload what they own when they reconnect and every
 """
 
 import hmac
+import json
 import logging
 import time
 
@@ -17,16 +18,60 @@ from thor.ngnpro.model import (
     check_domain,
     check_email,
     check_password,
+    check_sip_id,
     check_text,
-    check_username,
     digests,
 )
 
-__all__ = ["Provisioning"]
+__all__ = ["Provisioning", "record_batches", "usage_report"]
 
 log = logging.getLogger("thor.ngnpro")
 
 MAX_LIST = 1000
+MAX_OFFSET = 2**31 - 1
+
+
+# Records per message to the nodes: at most this many and about MAX_BATCH_BYTES of JSON, well
+# inside the event bus's frames (1 MiB) whatever the records hold.
+MAX_BATCH_RECORDS = 2000
+MAX_BATCH_BYTES = 256 * 1024
+# What getStatistics reports of a node's Thor.Usage, and the types each must have.
+USAGE_FIELDS = {
+    "uptime": (int, float),
+    "accounts": (int,),
+    "aliases": (int,),
+    "lookups": (int,),
+    "lookup_connections": (int,),
+    "load_average": (int, float),
+}
+
+
+def record_batches(records, max_records=MAX_BATCH_RECORDS, max_bytes=MAX_BATCH_BYTES):
+    """The records (an iterable) in lists of at most max_records and about max_bytes of JSON."""
+    batch, size = [], 0
+    for record in records:
+        length = len(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode())
+        if batch and (len(batch) >= max_records or size + length > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(record)
+        size += length
+    if batch:
+        yield batch
+
+
+def usage_report(body):
+    """The fields getStatistics shows of a Thor.Usage body, or None when it is not one.
+
+    A member's report is its own word: a field of the wrong type is left out, not shown."""
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("address"), str):
+        return None
+    report = {"name": body["name"][:255], "address": body["address"][:64]}
+    for field, types in USAGE_FIELDS.items():
+        value = body.get(field)
+        if isinstance(value, types) and not isinstance(value, bool) and abs(value) < 2**63:
+            report[field] = value
+    return report
 
 
 class Provisioning:
@@ -47,10 +92,11 @@ class Provisioning:
         return username_ok and password_ok
 
     def _publish(self, changes):
-        if changes and not self.client.publish(PROVISIONING, {"changes": changes}):
-            # Committed but not pushed: the nodes' periodic reload brings it.
-            self.unpublished += len(changes)
-            log.warning("no event server: %d committed changes reach the nodes on their next reload", len(changes))
+        for batch in record_batches(changes):  # (deleting an account takes its aliases: maybe thousands)
+            if not self.client.publish(PROVISIONING, {"changes": batch}):
+                # Committed but not pushed: the nodes' periodic reload brings it.
+                self.unpublished += len(batch)
+                log.warning("no event server: %d committed changes reach the nodes on their next reload", len(batch))
 
     # SipPort
 
@@ -64,7 +110,7 @@ class Provisioning:
         return self.store.domains()
 
     def add_account(self, fields):
-        username, domain = check_username(fields["username"]), check_domain(fields["domain"])
+        username, domain = check_sip_id(fields["username"], fields["domain"])
         ha1, ha1b = digests(username, domain, check_password(fields["password"]))
         record = {
             "username": username,
@@ -80,7 +126,7 @@ class Provisioning:
 
     def update_account(self, fields):
         """Fields given (not None) change; the others keep their value."""
-        username, domain = check_username(fields["username"]), check_domain(fields["domain"])
+        username, domain = check_sip_id(fields["username"], fields["domain"])
         changes = {}
         for name, label in (("first_name", "firstName"), ("last_name", "lastName")):
             if fields[name] is not None:
@@ -94,38 +140,36 @@ class Provisioning:
         self._publish(self.store.update_account(username, domain, changes))
 
     def change_password(self, username, domain, password):
-        username, domain = check_username(username), check_domain(domain)
+        username, domain = check_sip_id(username, domain)
         ha1, ha1b = digests(username, domain, check_password(password))
         self._publish(self.store.update_account(username, domain, {"ha1": ha1, "ha1b": ha1b}))
 
     def delete_account(self, username, domain):
-        self._publish(self.store.delete_account(check_username(username), check_domain(domain)))
+        self._publish(self.store.delete_account(*check_sip_id(username, domain)))
 
     def account(self, username, domain):
-        return self.store.account(check_username(username), check_domain(domain))
+        return self.store.account(*check_sip_id(username, domain))
 
     def accounts(self, domain, limit=None, offset=None):
         limit = MAX_LIST if limit is None else limit
         offset = 0 if offset is None else offset
-        if not 1 <= limit <= MAX_LIST or offset < 0:
-            raise InvalidInputError(f"limit: expected 1 to {MAX_LIST}; offset: expected 0 or more")
+        if not 1 <= limit <= MAX_LIST or not 0 <= offset <= MAX_OFFSET:
+            raise InvalidInputError(f"limit: expected 1 to {MAX_LIST}; offset: expected 0 to {MAX_OFFSET}")
         return self.store.accounts(check_domain(domain), limit, offset)
 
     def add_alias(self, username, domain, target_username, target_domain):
         self._publish(
             self.store.add_alias(
-                check_username(username),
-                check_domain(domain),
-                check_username(target_username),
-                check_domain(target_domain),
+                *check_sip_id(username, domain),
+                *check_sip_id(target_username, target_domain, "target"),
             )
         )
 
     def delete_alias(self, username, domain):
-        self._publish(self.store.delete_alias(check_username(username), check_domain(domain)))
+        self._publish(self.store.delete_alias(*check_sip_id(username, domain)))
 
     def aliases(self, username, domain):
-        return self.store.aliases(check_username(username), check_domain(domain))
+        return self.store.aliases(*check_sip_id(username, domain))
 
     # NetworkPort
 

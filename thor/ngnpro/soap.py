@@ -8,6 +8,7 @@ urn:AGProjects:NGNPro. Faults have codes a client can act on:
     Client.NotFound          the domain, account or alias does not exist
     Client.Conflict          it exists already (or a domain still holds accounts)
     Server.DatabaseUnavailable  the provisioning database cannot be reached; nothing changed
+    Server.OutcomeUnknown    the database connection failed during COMMIT: read the change back
     Server.Internal          anything else (logged)
 
 docs/provisioning.md is the reference.
@@ -23,7 +24,7 @@ with warnings.catch_warnings():  # spyne 2.14 imports the cgi module, deprecated
     from spyne.server.wsgi import WsgiApplication
 
 from thor.ngnpro.model import InvalidInputError
-from thor.ngnpro.store import ConflictError, NotFoundError, StoreUnavailableError
+from thor.ngnpro.store import ConflictError, NotFoundError, OutcomeUnknownError, StoreUnavailableError
 from thor.transport.http import reply
 
 __all__ = ["NAMESPACE", "wsgi_application"]
@@ -114,6 +115,8 @@ def _call(ctx, operation, *args):
         raise Fault("Client.NotFound", str(problem)) from None
     except ConflictError as problem:
         raise Fault("Client.Conflict", str(problem)) from None
+    except OutcomeUnknownError as problem:
+        raise Fault("Server.OutcomeUnknown", f"{problem}; read it back before trying again") from None
     except StoreUnavailableError as problem:
         raise Fault("Server.DatabaseUnavailable", f"{problem}; nothing was changed") from None
     except Fault:

@@ -18,9 +18,9 @@ import gevent.lock
 import psycopg2
 
 from thor.ngnpro.model import InvalidInputError, account_record, sip_key
-from thor.pgsql import cooperative, one_line
+from thor.pgsql import connect, cooperative, one_line
 
-__all__ = ["ConflictError", "NotFoundError", "Store", "StoreUnavailableError"]
+__all__ = ["ConflictError", "NotFoundError", "OutcomeUnknownError", "Store", "StoreUnavailableError"]
 
 log = logging.getLogger("thor.ngnpro")
 
@@ -59,13 +59,23 @@ MIGRATIONS = [
     );
     CREATE INDEX ngnpro_aliases_target ON ngnpro_aliases (target_username, target_domain);
     """,
+    # 2: loads page through accounts and aliases in (domain, username) order, listings and
+    # domain deletions select by domain: without these, every page of a load scans the table.
+    """
+    CREATE INDEX ngnpro_accounts_by_domain ON ngnpro_accounts (domain, username);
+    CREATE INDEX ngnpro_aliases_by_domain ON ngnpro_aliases (domain, username);
+    """,
 ]
 
 ACCOUNT_COLUMNS = "username, domain, ha1, ha1b, first_name, last_name, email, enabled"
 
 
 class StoreUnavailableError(Exception):
-    """The database cannot be reached (or none is announced); str() says why."""
+    """The database cannot be reached (or none is announced); nothing was changed. str() says why."""
+
+
+class OutcomeUnknownError(StoreUnavailableError):
+    """The connection failed during COMMIT: the change may or may not have been made."""
 
 
 class NotFoundError(LookupError):
@@ -82,9 +92,12 @@ class Store:
     def __init__(self, dsn_source, pool_size=8, connect_timeout=5, statement_timeout=15):
         cooperative()
         self.dsn_source = dsn_source
+        self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
-        self._idle = []
+        # A caller waits at most this long for a free connection, then gets an answer.
+        self.wait_timeout = connect_timeout + statement_timeout
+        self._idle = []  # (dsn, connection): a connection only ever serves the database it was opened to
         self._dsn = None
         self._slots = gevent.lock.BoundedSemaphore(pool_size)
         self._migrated = set()
@@ -92,47 +105,71 @@ class Store:
     @contextlib.contextmanager
     def transaction(self):
         """A cursor in one transaction, committed when the block ends without an exception."""
-        with self._slots:
-            connection = self._take()
+        if not self._slots.acquire(timeout=self.wait_timeout):
+            raise StoreUnavailableError(
+                f"all {self.pool_size} connections to the provisioning database stayed busy for {self.wait_timeout} s"
+            )
+        try:
+            dsn, connection = self._take()
+            committing = False
             try:
-                with connection, connection.cursor() as cursor:
+                with connection.cursor() as cursor:
                     yield cursor
+                committing = True
+                connection.commit()
             except psycopg2.IntegrityError as error:  # a concurrent change won a race the checks could not see
+                _roll_back(connection)
                 raise ConflictError(one_line(error)) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
                 connection.close()
+                self.close()  # after a restart of the database, the idle ones are dead too
+                if committing:
+                    raise OutcomeUnknownError(
+                        f"the provisioning database failed during COMMIT: {one_line(error)}"
+                    ) from None
                 raise StoreUnavailableError(f"the provisioning database failed: {one_line(error)}") from None
+            except BaseException:
+                _roll_back(connection)
+                raise
             finally:
-                if not connection.closed:
-                    self._idle.append(connection)
+                if connection.closed or dsn != self._dsn:
+                    connection.close()
+                else:
+                    self._idle.append((dsn, connection))
+        finally:
+            self._slots.release()
 
     def _take(self):
         dsn = self.dsn_source()
         if dsn is None:
             raise StoreUnavailableError("no provisioning database is announced (is thor-database running?)")
-        if dsn != self._dsn:  # the database moved: forget the old connections
+        if dsn != self._dsn:  # the database moved: forget the old connections (those in use close when done)
             self.close()
             self._dsn = dsn
         while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection
+            idle_dsn, connection = self._idle.pop()
+            if not connection.closed and idle_dsn == dsn:
+                return dsn, connection
+            connection.close()
         try:
-            connection = psycopg2.connect(
-                dsn,
-                connect_timeout=self.connect_timeout,
-                options=f"-c lock_timeout=5000 -c statement_timeout={int(self.statement_timeout * 1000)}",
-            )
+            connection = connect(dsn, self.connect_timeout, self.statement_timeout)
         except psycopg2.Error as error:
             raise StoreUnavailableError(f"cannot connect to the provisioning database: {one_line(error)}") from None
         if dsn not in self._migrated:
-            self._migrate(connection)
+            try:
+                self._migrate(connection)
+            except psycopg2.Error as error:
+                connection.close()
+                raise StoreUnavailableError(f"migrating the provisioning database failed: {one_line(error)}") from None
+            except StoreUnavailableError:
+                connection.close()
+                raise
             self._migrated.add(dsn)
-        return connection
+        return dsn, connection
 
     def close(self):
         while self._idle:
-            self._idle.pop().close()
+            self._idle.pop()[1].close()
 
     def _migrate(self, connection):
         with connection, connection.cursor() as cursor:
@@ -290,27 +327,9 @@ class Store:
         """Every account and alias as changes, read in one consistent snapshot, in batches (a generator)."""
         with self.transaction() as cursor:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            offset_key = ("", "")
-            while True:
-                cursor.execute(
-                    f"SELECT {ACCOUNT_COLUMNS}, seq FROM ngnpro_accounts WHERE (domain, username) > (%s, %s) "
-                    "ORDER BY domain, username LIMIT %s",
-                    (offset_key[0], offset_key[1], batch),
-                )
-                rows = cursor.fetchall()
-                if not rows:
-                    break
-                yield [_account_change(row) for row in rows]
-                offset_key = (rows[-1][1], rows[-1][0])
-            cursor.execute(
-                "SELECT username, domain, target_username, target_domain, seq FROM ngnpro_aliases "
-                "ORDER BY domain, username"
-            )
-            while True:
-                rows = cursor.fetchmany(batch)
-                if not rows:
-                    break
-                yield [_alias_change(*row) for row in rows]
+            yield from _pages(cursor, f"SELECT {ACCOUNT_COLUMNS}, seq FROM ngnpro_accounts", batch, _account_change)
+            aliases = "SELECT username, domain, target_username, target_domain, seq FROM ngnpro_aliases"
+            yield from _pages(cursor, aliases, batch, lambda row: _alias_change(*row))
 
     def counts(self):
         with self.transaction() as cursor:
@@ -339,6 +358,29 @@ class Store:
         row = cursor.fetchone()
         if row is not None:
             raise ConflictError(f"{username}@{domain} exists as an {row[0]}")
+
+
+def _pages(cursor, select, batch, change):
+    """The changes of select's rows (username and domain first) in (domain, username) order, a
+    batch at a time: each page starts after the last key of the one before, on the index."""
+    after = ("", "")
+    while True:
+        cursor.execute(
+            f"{select} WHERE (domain, username) > (%s, %s) ORDER BY domain, username LIMIT %s", (*after, batch)
+        )
+        rows = cursor.fetchall()
+        if not rows:
+            return
+        yield [change(row) for row in rows]
+        after = (rows[-1][1], rows[-1][0])
+
+
+def _roll_back(connection):
+    if not connection.closed:
+        try:
+            connection.rollback()
+        except psycopg2.Error:
+            connection.close()
 
 
 def _account_change(row):

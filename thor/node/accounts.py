@@ -2,13 +2,16 @@
 
 - Every committed change arrives on Thor.Provisioning; the node keeps those
   whose key it owns on its sip_proxy ring (per key, the highest seq wins; a
-  deletion stays as a tombstone until the next complete load).
+  deletion stays as a tombstone for TOMBSTONE_SECONDS, so that an older
+  change still on its way cannot bring the key back).
 - When the ring changes, the node drops the keys it no longer owns and, when
   it may own more (a member left, or it joined), asks for its accounts
   (Thor.AccountsWanted). The active NGNPro answers on the node's own topic
   Thor.Accounts.<name> with every account and alias it owns, in parts, read
-  in one database snapshot. Entries older than the request that the answer
-  does not list were deleted meanwhile and go.
+  in one database snapshot taken after the request. What the node cached
+  before it asked is replaced by the snapshot, whatever its seq (after a
+  database restore, seqs can go back), and what the snapshot does not list
+  was deleted meanwhile and goes.
 - It also asks when it reconnects to the event servers and every
   reload_interval seconds, so a change it missed (no event server reachable
   when it was published) is never missing for long.
@@ -20,6 +23,7 @@ served on [Node] accounts_listen (loopback by default: it holds digest hashes).
 import itertools
 import json
 import logging
+import time
 
 import gevent
 from gevent.event import Event
@@ -35,13 +39,16 @@ log = logging.getLogger("thor.node")
 ROLE = "sip_proxy"
 PROVIDER = "provisioning_server"
 KINDS = ("account", "alias")
+# How long a deletion is remembered: longer than any change can be on its way from NGNPro.
+TOMBSTONE_SECONDS = 120.0
 
 
 class Entry:
-    __slots__ = ("data", "kind", "seq", "stamp")
+    __slots__ = ("data", "kind", "received", "seq", "stamp")
 
     def __init__(self, kind, seq, data, stamp):
         self.kind, self.seq, self.data, self.stamp = kind, seq, data, stamp
+        self.received = time.monotonic()
 
 
 class AccountCache:
@@ -92,8 +99,9 @@ class AccountCache:
 
     # Changes
 
-    def _apply(self, record):
-        """Keep record if this node owns its key and it is newer than what is cached; the key or None."""
+    def _apply(self, record, replaces_before=0):
+        """Keep record if this node owns its key and it is newer than what is cached (or what is
+        cached has a stamp below replaces_before); the key, or None for a record not of this node."""
         if not isinstance(record, dict):
             return None
         kind, key, seq, data = record.get("kind"), record.get("key"), record.get("seq"), record.get("data")
@@ -104,7 +112,7 @@ class AccountCache:
         if not self._owns(key):
             return None
         current = self.entries.get(key)
-        if current is None or current.seq < seq:
+        if current is None or current.seq < seq or current.stamp < replaces_before:
             self.entries[key] = Entry(kind, seq, data, next(self._stamps))
         return key
 
@@ -143,10 +151,20 @@ class AccountCache:
                         "ring": self.rings.table.version,
                     },
                 )
-                if self._loaded.wait(self.request_timeout):
+                if self._wait_for_load(request):
                     break
-                log.warning("account request %s: no answer in %ss; asking again", request, self.request_timeout)
+                log.warning("account request %s: no answer for %ss; asking again", request, self.request_timeout)
                 self._pending = None
+
+    def _wait_for_load(self, request):
+        """Whether the load of request completes; the timeout runs from the last part received."""
+        parts = 0
+        while not self._loaded.wait(self.request_timeout):
+            pending = self._pending
+            if pending is None or pending[0] != request or pending[2] == parts:
+                return False
+            parts = pending[2]
+        return True
 
     def _owns_something(self):
         # Nothing to ask for without a live NGNPro; its arrival triggers a request (_ring_changed).
@@ -165,17 +183,20 @@ class AccountCache:
             self._want()
             return
         for record in records:
-            key = self._apply(record)
+            key = self._apply(record, replaces_before=asked)
             if key is not None:
                 seen.add(key)
         self._pending = (request, asked, expected_part + 1, seen)
         if body.get("last") is True:
             # Whatever was cached before we asked and is not in the answer was deleted meanwhile;
-            # tombstones from before the request have done their job.
+            # a tombstone goes once it is old enough that nothing older can still arrive.
+            forget_before = time.monotonic() - TOMBSTONE_SECONDS
             stale = [
                 key
                 for key, entry in self.entries.items()
-                if entry.stamp < asked and (key not in seen or entry.data is None)
+                if key not in seen
+                and entry.stamp < asked
+                and (entry.data is not None or entry.received < forget_before)
             ]
             for key in stale:
                 del self.entries[key]
