@@ -5,26 +5,34 @@ not the disk's), 1 event server, 1 manager, thor-database, ngnpro and 3
 sip_proxy nodes. zeep clients in threads (the way provisioning clients call)
 run addAccount, getAccount and changePassword; each figure is the median of
 3 runs. Then 200 single changes: the time from the call's return until the
-owner node's cache answers the new ha1; and the rate at which one keep-alive
-client (as Kamailio's http_client) reads HA1s from a node's cache.
+owner node's cache answers the new ha1; the rate at which one keep-alive
+client (as Kamailio's http_client) reads HA1s from a node's cache; and how long
+a joining node takes to load its share of a large database (the accounts put
+in by SQL, not SOAP, to make it large quickly).
 
-Run: python bench/ngnpro_bench.py [--operations N]  (needs PostgreSQL, as make test installs)
+Run: python bench/ngnpro_bench.py [--operations N] [--load-accounts N]  (needs PostgreSQL, as make test installs)
 """
 
 import argparse
+import json
 import os
 import sys
 import threading
 import time
+
+import gevent
+import psycopg2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from common import machine, median, percentile, temporary_directory
-from conftest import ScratchPKI
+from conftest import ScratchPKI, wait_for
 from pdns import PostgreSQL
-from test_ngnpro import DOMAIN, CacheReader, Network, account, cached, ha1, node_at, owner
+from test_ngnpro import DOMAIN, NODE_ADDRESSES, CacheReader, Network, account, cached, ha1, node_at, owner
+
+from thor.lookup.table import LookupTable
 
 
 def run_threads(clients, operation, count):
@@ -71,9 +79,47 @@ def cache_reads(network, count):
         reader.close()
 
 
+def join_load(network, count):
+    """count more accounts in the database, then node4 joins: seconds from its arrival in the
+    status until its cache holds exactly its share of every account, and that share."""
+
+    def fill():
+        with psycopg2.connect(network.postgresql.dsn("thor")) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO ngnpro_accounts (username, domain, ha1, ha1b, seq) "
+                "SELECT 'bulk' || n, %s, md5(n::text), md5('b' || n), nextval('ngnpro_changes') "
+                "FROM generate_series(1, %s) AS n",
+                (DOMAIN, count),
+            )
+            cursor.execute("SELECT username || '@' || domain FROM ngnpro_accounts WHERE username NOT LIKE 'bulk%%'")
+            return [row[0] for row in cursor.fetchall()]  # (the bulk ones are known: fetching 1M rows holds the GIL)
+
+    # In a thread, so the in-process observer can keep its links (while PostgreSQL inserts a million
+    # rows it may still miss a keepalive of the tests' tight settings and reconnect: set-up, not measured).
+    keys = gevent.get_hub().threadpool.apply(fill) + [f"bulk{n}@{DOMAIN}" for n in range(1, count + 1)]
+    network.start_node("node4")
+    address = NODE_ADDRESSES["node4"]
+    status = network.status(lambda s: address in s.addresses("sip_proxy"), "node4 in the status")
+    joined = time.perf_counter()
+    table = LookupTable.from_status(status)
+    share = gevent.get_hub().threadpool.apply(lambda: sum(table.lookup("sip_proxy", key) == address for key in keys))
+    reader = CacheReader(network.nodes["node4"])
+    try:
+        wait_for(
+            lambda: json.loads(reader.get("/accounts")[1])["accounts"] == share,
+            timeout=300,
+            interval=0.05,
+            message=f"node4 holding its {share} accounts",
+        )
+    finally:
+        reader.close()
+    return time.perf_counter() - joined, share, len(keys)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--operations", type=int, default=1000)
+    parser.add_argument("--load-accounts", type=int, default=1000000)
     options = parser.parse_args()
     print(f"machine: {machine()}")
     with temporary_directory() as directory:
@@ -134,6 +180,8 @@ def main():
                 f"p99 {percentile(delays, 0.99):.1f} ms"
             )
             print(f"the SIP proxy's read: {cache_reads(network, count):,.0f} GET /accounts/KEY/ha1 per second")
+            seconds, share, total = join_load(network, options.load_accounts)
+            print(f"a joining node loads its share: {share:,} of {total:,} accounts in {seconds:.2f} s")
         finally:
             if network is not None:
                 network.close()
