@@ -193,3 +193,20 @@ def test_sample_uncommented_is_a_valid_configuration(tmp_path):
     assert network.domain == "sipthor.example.com"
     pki_config = loaded[list(Section.registry).index("PKI")]
     assert pki_config.crl_days == 30
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:9501", True),
+        ("[::1]:9501", True),
+        ("localhost:9501", True),
+        ("0.0.0.0:9501", False),
+        ("192.0.2.7", False),
+    ],
+)
+def test_thor_node_knows_when_its_account_cache_leaves_loopback(tmp_path, listen, loopback):
+    from thor.node.config import NodeConfig
+
+    (node,) = load_config(write(tmp_path, f"[Node]\naccounts_listen = {listen}\n"), NodeConfig)
+    assert node.accounts_on_loopback is loopback

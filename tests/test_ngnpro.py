@@ -397,7 +397,19 @@ def test_two_ngnpro_share_the_database_and_either_serves_the_nodes(network):
     for key in keys:
         soap.addAccount(account(key.split("@")[0]))
     wait_for(lambda: all(cached(network.nodes["node1"], key) for key in keys), message="node1 has every account")
-    assert network.client().getAccount({"username": "shared0", "domain": DOMAIN}).id.username == "shared0"
+    first = network.client()
+    assert first.getAccount({"username": "shared0", "domain": DOMAIN}).id.username == "shared0"
+    # Both change one account at once: its owner ends up with what the database holds.
+    changers = [
+        threading.Thread(target=change_password_repeatedly, args=(client, "shared0", tag, 30))
+        for client, tag in ((first, "one"), (soap, "two"))
+    ]
+    for thread in changers:
+        thread.start()
+    wait_for(lambda: not any(thread.is_alive() for thread in changers), timeout=60, message="both done")
+    final = first.getAccount({"username": "shared0", "domain": DOMAIN}).ha1
+    assert final in {ha1("shared0", f"{tag}-password-29") for tag in ("one", "two")}
+    wait_for(lambda: cached(network.nodes["node1"], keys[0])["ha1"] == final, message="the last change cached")
     network.ngnpro.kill()  # the eldest, so far the one that answers the nodes' requests
     network.status(lambda s: "ngnpro1" not in s.members, "ngnpro1 gone")
     network.start_nodes("node2")  # its accounts were published before it joined: only a load brings them
@@ -432,6 +444,37 @@ def test_a_member_asking_for_another_nodes_accounts_gets_nothing(network):
         assert rogue.sync(timeout=5) and answers.messages == []
     finally:
         rogue.stop(flush_timeout=0)
+
+
+def change_password_repeatedly(client, username, tag, count):
+    for index in range(count):
+        client.changePassword({"username": username, "domain": DOMAIN}, f"{tag}-password-{index}")
+
+
+def test_oversized_and_hostile_xml_is_refused_and_ngnpro_goes_on(network):
+    soap = network.client()
+    session = requests.Session()
+    session.verify, session.trust_env = network.pki.ca.ca_certificate_path, False
+    url = f"https://{NGNPRO_ADDRESS}:{network.port}/ngnpro"
+    headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '"getDomains"'}
+    laughs = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        + "".join(f'<!ENTITY lol{n} "{f"&lol{n - 1};" * 10 if n > 1 else "&lol;" * 10}">' for n in range(1, 10))
+        + ']><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body>'
+        '<getDomains xmlns="urn:AGProjects:NGNPro:SipPort">&lol9;</getDomains></soap:Body></soap:Envelope>'
+    )
+    for body, code in [
+        (b"<x>" + b"a" * (2 << 20) + b"</x>", "Client.RequestTooLong"),  # over 1 MiB
+        (laughs.encode(), "Client.XMLSyntaxError"),  # entities would make it 3 GB
+        (b"<not-closed", "Client.XMLSyntaxError"),
+    ]:
+        started = time.monotonic()
+        answer = session.post(url, data=body, headers=headers, timeout=30)
+        assert time.monotonic() - started < 10
+        assert answer.status_code == 500 and f"<faultcode>soap11env:{code}</faultcode>" in answer.text, answer.text
+        assert "lollollol" not in answer.text  # entities are not expanded
+    assert soap.getDomains() in (None, [])  # and the next call is served
+    assert network.ngnpro.process.poll() is None
 
 
 def test_status_and_usage_statistics_from_the_nodes(network):

@@ -1,5 +1,7 @@
 """Configuration of thor-node: the [Node] section."""
 
+import ipaddress
+
 from thor.config import Section, Setting
 from thor.datatypes import Endpoint, Float, Integer, NameList
 from thor.node.health import CheckList
@@ -38,3 +40,12 @@ class NodeConfig(Section):
         "server was reachable is never missing for longer).",
     )
     usage_interval = Setting(Float(0.1, 3600), "10", "Seconds between the usage reports NGNPro collects.")
+
+    @property
+    def accounts_on_loopback(self):
+        """Whether accounts_listen is reachable from this host only (thor-node warns when not)."""
+        host = self.accounts_listen[0]
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a name: localhost is the only one known to be loopback
+            return host == "localhost"

@@ -99,6 +99,11 @@ class NodeDaemon(MemberDaemon):
             where = format_address(settings.accounts_listen)
             raise StartupError(f"[Node] accounts_listen = {where}: {problem.strerror or problem}") from None
         self.log.info("account cache for the SIP proxy on http://%s/accounts", format_address(settings.accounts_listen))
+        if not settings.accounts_on_loopback:
+            self.log.warning(
+                "[Node] accounts_listen = %s is not a loopback address: anyone who reaches it reads digest hashes",
+                format_address(settings.accounts_listen),
+            )
         self.accounts.start()
         self._checkers = [
             gevent.spawn(watch, health, settings.check_interval, settings.check_timeout, self._health_changed)
