@@ -187,7 +187,7 @@ def test_when_all_slots_are_taken_an_idle_connection_makes_room():
     try:
         idle = [served.raw() for _ in range(20)]
         wait_for(lambda: served.server.connections == 20, message="20 idle connections held")
-        gevent.sleep(0.3)  # the precondition, not a wait for a result: all 20 idle for evict_after
+        gevent.sleep(0.4)  # the precondition, not a wait for a result: all 20 idle for evict_after (0.3 s)
         with served.client() as client:  # the newcomer takes the slot of one that asked nothing
             assert client.query("version") == ["42"]
             assert served.server.evicted == 1
@@ -197,16 +197,27 @@ def test_when_all_slots_are_taken_an_idle_connection_makes_room():
         served.server.stop()
 
 
-def test_when_all_slots_ask_queries_a_newcomer_is_told_busy():
-    served = Interface(max_connections=5, evict_after=60)
+def test_the_idle_connection_makes_room_not_the_ones_that_ask_and_none_when_all_ask():
+    served = Interface(max_connections=5, evict_after=1.0)
     try:
-        busy = [served.client() for _ in range(5)]
-        for client in busy:
+        idle = served.raw()
+        wait_for(lambda: served.server.connections == 1, message="the idle connection held")
+        gevent.sleep(1.2)  # the precondition: idle for longer than evict_after
+        asking = [served.client() for _ in range(4)]
+        for client in asking:
             assert client.query("version") == ["42"]
-        assert read_until_closed(served.raw()).startswith(b"error busy more than 5 connections")
-        for client in busy:
-            assert client.query("version") == ["42"]  # none of them lost its connection
+        with served.client() as newcomer:  # takes the idle one's slot, no asking one's
+            assert newcomer.query("version") == ["42"]
+            wait_for(lambda: closed_by_server(idle), message="the idle connection closed")
+            for client in asking:
+                assert client.query("version") == ["42"]
+            # Now all 5 asked within evict_after: one more is told busy, and nobody loses a slot.
+            assert read_until_closed(served.raw()).startswith(b"error busy more than 5 connections")
+            assert newcomer.query("version") == ["42"]
+        for client in asking:
+            assert client.query("version") == ["42"]
             client.close()
+        assert served.server.evicted == 1
     finally:
         served.server.stop()
 
@@ -283,6 +294,32 @@ def test_a_client_that_floods_and_reads_fast_delays_no_one():
     finally:
         flood.kill()
         flood.wait()
+        served.server.stop()
+
+
+def test_connections_get_their_turns_when_the_process_is_never_idle():
+    """The yield after each batch is bounded: a loop that always has work (1,000 timers firing
+    every millisecond here) still lets every connection go on."""
+    served = Interface()
+    done = gevent.event.Event()
+
+    def busy():
+        while not done.is_set():
+            gevent.sleep(0.001)
+
+    others = [gevent.spawn(busy) for _ in range(1000)]
+    try:
+        with served.client(timeout=30) as client:
+            started = time.monotonic()
+            for _ in range(20):  # each batch of 5,000 queries is several reads, each followed by a yield
+                keys = [f"user{index}@example.com" for index in range(5000)]
+                assert client.query(*(f"lookup sip_proxy for {key}" for key in keys)) == [
+                    TABLE.lookup("sip_proxy", key) for key in keys
+                ]
+            assert time.monotonic() - started < 20
+    finally:
+        done.set()
+        gevent.joinall(others, timeout=10)
         served.server.stop()
 
 

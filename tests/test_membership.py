@@ -322,3 +322,14 @@ def test_programs_sharing_a_host_certificate_are_told_apart(overlay, pki):
     status = wait_status(observer, lambda s: s.manager == "thor2", timeout=3, message="thor2 active")
     assert status.members["thor1"]["roles"] == ["thor_eventserver"]
     assert status.roles["thor_manager"] == ("thor2",)
+
+
+def test_a_node_without_sip_proxy_keeps_no_account_cache_and_asks_for_nothing(overlay):
+    overlay.start_eventservers(1)
+    overlay.manager("manager1")
+    relay = overlay.node("relay1", "media_relay", "127.0.0.21")
+    observer = overlay.observer()
+    wait_status(observer, lambda s: "relay1" in s.roles.get("media_relay", ()), message="relay1 a media_relay")
+    relay.wait_log("the certificate grants no sip_proxy: the account cache stays empty")
+    assert observer.client.sync(timeout=5)
+    assert "forbidden" not in relay.log()  # it subscribed to nothing the event servers refuse

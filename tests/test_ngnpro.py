@@ -30,6 +30,7 @@ from thor.events.topics import (
     authorize_subscribe,
 )
 from thor.lookup.table import LookupTable
+from thor.membership.member import OverlayMember
 from thor.transport.tls import PeerIdentity
 
 DOMAIN = "example.com"
@@ -374,6 +375,25 @@ def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):
     assert network.ngnpro.process.poll() is None
 
 
+def test_a_lock_timeout_is_a_fault_and_the_connections_stay(network):
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("erin"))
+    with psycopg2.connect(network.postgresql.dsn("thor")) as locker, locker.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = 'thor' AND pid <> pg_backend_pid()")
+        before = {row[0] for row in cursor.fetchall()}
+        cursor.execute("SELECT 1 FROM ngnpro_accounts WHERE username = 'erin' FOR UPDATE")  # held until the end
+        with pytest.raises(zeep.exceptions.Fault) as fault:
+            soap.changePassword({"username": "erin", "domain": DOMAIN}, "waits-for-the-lock")
+        assert fault.value.code.endswith("Server.DatabaseUnavailable")
+        assert "refused" in fault.value.message and "lock" in fault.value.message
+        locker.rollback()
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = 'thor' AND pid <> pg_backend_pid()")
+        assert before <= {row[0] for row in cursor.fetchall()}  # ngnpro kept its connections
+    soap.changePassword({"username": "erin", "domain": DOMAIN}, "after-the-lock")
+    assert soap.getAccount({"username": "erin", "domain": DOMAIN}).ha1 == ha1("erin", "after-the-lock")
+
+
 def _added(soap, username):
     try:
         soap.addAccount(account(username))
@@ -432,18 +452,22 @@ def test_a_member_asking_for_another_nodes_accounts_gets_nothing(network):
     soap.addDomain(DOMAIN)
     soap.addAccount(account("alice"))
     wait_for(lambda: cached(network.nodes["node1"], f"alice@{DOMAIN}"), message="alice cached on node1")
-    rogue = event_client(network.pki, "rogue", "sip_proxy", network.overlay.eventservers)
+    # A live sip_proxy member (its certificate grants the role) that asks for node1's address.
+    rogue_client = event_client(network.pki, "rogue", "sip_proxy", network.overlay.eventservers)
+    rogue = OverlayMember(rogue_client, "rogue", "127.0.4.99", roles=["sip_proxy"])
+    rogue.start()
     try:
+        network.status(lambda s: "127.0.4.99" in s.addresses("sip_proxy"), "rogue a live sip_proxy")
         answers = Recorder()
-        rogue.subscribe(accounts_topic("rogue"), answers)
-        assert rogue.sync(timeout=5)
+        rogue_client.subscribe(accounts_topic("rogue"), answers)
+        assert rogue_client.sync(timeout=5)
         version = network.observer.status.status.version
         body = {"name": "rogue", "address": NODE_ADDRESSES["node1"], "request": "r1", "ring": version}
-        rogue.publish(ACCOUNTS_WANTED, body)
+        rogue_client.publish(ACCOUNTS_WANTED, body)
         network.ngnpro.wait_log("rogue is not a live sip_proxy at 127.0.4.11; not answering")
-        assert rogue.sync(timeout=5) and answers.messages == []
+        assert rogue_client.sync(timeout=5) and answers.messages == []
     finally:
-        rogue.stop(flush_timeout=0)
+        rogue_client.stop(flush_timeout=0)
 
 
 def change_password_repeatedly(client, username, tag, count):

@@ -37,6 +37,7 @@ KEYS = [f"user{index}@example{index % 7}.com" for index in range(3000)]
         ("IM:alice@example.com", "alice@example.com"),
         ('"Alice Smith" <sip:alice@example.com>;tag=1', "alice@example.com"),
         ("<sip:alice@example.com>;expires=60", "alice@example.com"),
+        ('"a<b> \\"c\\"" <sip:alice@example.com>', "alice@example.com"),  # the display name may hold < and quotes
     ],
 )
 def test_keys_are_normalized_by_the_documented_rules(text, key):
@@ -60,6 +61,8 @@ def test_keys_are_normalized_by_the_documented_rules(text, key):
         "mailto:alice@example.com",
         "alice:secret@example.com",  # a password only after a scheme
         "<sip:alice@example.com",
+        "sip:alice@example.com>",
+        '"Alice <sip:alice@example.com>',
     ],
 )
 def test_what_is_not_a_subscriber_address_is_refused_with_a_reason(text):

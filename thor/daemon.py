@@ -88,6 +88,13 @@ def raise_file_limit(wanted):
     """Raise the soft limit of open files toward wanted (never above the hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target < wanted:
+        logging.getLogger("thor").warning(
+            "open files limit: %d wanted, the hard limit is %d; raise it (supervisor minfds) "
+            "or lower the connection limits",
+            wanted,
+            hard,
+        )
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         logging.getLogger("thor").info("open files limit raised from %d to %d", soft, target)

@@ -64,8 +64,8 @@ def normalize_key(text):
     "Alice@Example.COM", "sip:alice@example.com", '"Alice" <sips:alice@example.com:5061;transport=tls>;tag=1'
     all give "alice@example.com". Rules (docs/lookup-protocol.md): surrounding blanks go; of a
     name-addr only the URI between < and > counts; a sip:, sips:, pres: or im: scheme goes (any
-    other scheme is refused); URI parameters (;...) and headers (?...) go; a password
-    (user:password@) and a port after the domain go; everything is lowercased (the user part
+    other scheme is refused); URI parameters (;...) and headers (?...) go; after a scheme, a
+    password (user:password@) goes; a port after the domain goes; everything is lowercased (the user part
     too: two subscribers differing only in case share a node, which is harmless, while one
     subscriber spread over two nodes would not be) and non-ASCII text is put in Unicode NFC.
     What remains must be user@domain, printable, without blanks, at most MAX_KEY_LENGTH characters.
@@ -76,7 +76,7 @@ def normalize_key(text):
     key = text.strip().lower()
     if not key.isascii():  # one spelling of "café" for the ring, whichever the client sent
         key = unicodedata.normalize("NFC", key)
-    if ":" in key or ";" in key or "?" in key or "<" in key:
+    if ":" in key or ";" in key or "?" in key or "<" in key or '"' in key:
         key = _strip_uri(text, key)
     at = key.find("@")
     # isprintable() is False for tabs and line breaks, True for spaces.
@@ -85,6 +85,8 @@ def normalize_key(text):
         and len(key) <= MAX_KEY_LENGTH
         and key.find("@", at + 1) < 0
         and " " not in key
+        and "<" not in key
+        and ">" not in key
         and key.isprintable()
     ):
         return key
@@ -97,10 +99,19 @@ def _refuse(text, key):
     user, _, domain = key.partition("@")
     if not user or not domain:
         raise InvalidKeyError(f"{_shown(text)} is not a subscriber address: expected user@domain")
-    raise InvalidKeyError(f"{_shown(text)} is not a subscriber address: expected one @ and no blanks")
+    raise InvalidKeyError(f"{_shown(text)} is not a subscriber address: expected one @, no blanks and no < >")
 
 
 def _strip_uri(text, key):
+    if key.startswith('"'):  # a quoted display name may hold anything, < included
+        end = key.find('"', 1)
+        while end > 0 and key[end - 1] == "\\":
+            end = key.find('"', end + 1)
+        if end < 0:
+            raise InvalidKeyError(
+                f"{_shown(text)} is not a subscriber address: a display name without its closing quote"
+            )
+        key = key[end + 1 :].lstrip()
     start = key.find("<")
     if start >= 0:  # a name-addr: the display name before and the header parameters after go
         end = key.find(">", start)

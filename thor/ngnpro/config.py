@@ -32,7 +32,9 @@ class NGNProConfig(Section):
     )
     database_password = Setting(String(), "", "Its password (empty: none, e.g. with trust or peer authentication).")
     statement_timeout = Setting(Float(0.5, 600), "15", "Seconds a database statement may take before it fails.")
-    pool_size = Setting(Integer(1, 100), "8", "Database connections at most.")
+    pool_size = Setting(
+        Integer(2, 100), "8", "Database connections at most (nodes' loads take at most 2, and never all of them)."
+    )
     batch_size = Setting(
         Integer(10, 2000),
         "500",

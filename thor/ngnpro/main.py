@@ -36,7 +36,8 @@ from thor.transport.tls import format_address
 ROLE = "provisioning_server"
 NODE_ROLE = "sip_proxy"
 MAX_CLIENTS = 1000
-# Nodes' loads read at once (each holds a database connection and a snapshot); more wait.
+# Nodes' loads read at once (each holds a database connection and a snapshot); more wait. Never
+# all of [NGNPro] pool_size: SOAP calls keep at least one connection.
 MAX_LOADS = 2
 # Usage reports kept (one per node name).
 MAX_NODES = 100000
@@ -57,8 +58,8 @@ class NGNProDaemon(MemberDaemon):
         settings = self.config[NGNProConfig]
         tls = self.config[TLSConfig]
         self.usage = {}
-        self._loads = {}  # node name -> the greenlet answering its latest request
-        self._load_slots = gevent.lock.BoundedSemaphore(MAX_LOADS)
+        self._loads = {}  # node name -> its _Load, waiting or being answered
+        self._load_slots = gevent.lock.BoundedSemaphore(min(MAX_LOADS, settings.pool_size - 1))
         self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
         self.store = Store(
             self._database_dsn, pool_size=settings.pool_size, statement_timeout=settings.statement_timeout
@@ -91,7 +92,8 @@ class NGNProDaemon(MemberDaemon):
         self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))
 
     def teardown(self):
-        gevent.killall(tuple(self._loads.values()), block=False)
+        # Before the store closes: a killed load hands its connection back on the way out.
+        gevent.killall([load.greenlet for load in self._loads.values()], timeout=2)
         self.server.stop(timeout=2)
         self.rings.stop()
         self.store.close()
@@ -133,28 +135,38 @@ class NGNProDaemon(MemberDaemon):
             return
         if not isinstance(ring, int) or isinstance(ring, bool):
             return
-        # A node asks again when an answer takes too long: the newer request replaces the older.
-        superseded = self._loads.pop(name, None)
-        if superseded is not None:
-            superseded.kill(block=False)
-        self._loads[name] = gevent.spawn(self._send_accounts, name, address, request[:128], ring)
+        load = self._loads.get(name)
+        if load is not None and not load.started:
+            # Asked again while waiting for a slot: answer the newer request, keeping the place.
+            load.address, load.request, load.ring = address, request[:128], ring
+            return
+        if load is not None:  # asked again while being answered: the node gave up on that answer
+            load.greenlet.kill(block=False)
+        load = self._loads[name] = _Load(address, request[:128], ring)
+        load.greenlet = gevent.spawn(self._send_accounts, name, load)
 
-    def _send_accounts(self, name, address, request, ring_version):
-        """Every account and alias node `address` owns, on its topic, in parts, from one snapshot."""
+    def _send_accounts(self, name, load):
+        """Every account and alias the node owns, on its topic, in parts, from one snapshot."""
         try:
-            if not self.rings.wait(ring_version, timeout=10):
-                self.log.warning("account request %s: no ring of status %s yet; not answering", request, ring_version)
-                return
-            entity = self.member.status.status.members.get(name)
-            if entity is None or entity.get("address") != address or NODE_ROLE not in entity.get("roles", ()):
-                self.log.warning(
-                    "account request %s: %s is not a live %s at %s; not answering", request, name, NODE_ROLE, address
-                )
-                return
             with self._load_slots:  # a snapshot holds a database connection for the whole load
+                load.started = True
+                address, request = load.address, load.request
+                if not self.rings.wait(load.ring, timeout=10):
+                    self.log.warning("account request %s: no ring of status %s yet; not answering", request, load.ring)
+                    return
+                entity = self.member.status.status.members.get(name)
+                if entity is None or entity.get("address") != address or NODE_ROLE not in entity.get("roles", ()):
+                    self.log.warning(
+                        "account request %s: %s is not a live %s at %s; not answering",
+                        request,
+                        name,
+                        NODE_ROLE,
+                        address,
+                    )
+                    return
                 self._send_snapshot(name, address, request)
         finally:
-            if self._loads.get(name) is gevent.getcurrent():
+            if self._loads.get(name) is load:
                 del self._loads[name]
 
     def _send_snapshot(self, name, address, request):
@@ -180,6 +192,17 @@ class NGNProDaemon(MemberDaemon):
             return
         self.client.publish(topic, {"request": request, "part": part, "records": held, "last": True})
         self.log.info("account request %s: sent %d entries to %s", request, total + len(held), name)
+
+
+class _Load:
+    """A node's request for its accounts, from when it arrives until it is answered."""
+
+    __slots__ = ("address", "greenlet", "request", "ring", "started")
+
+    def __init__(self, address, request, ring):
+        self.address, self.request, self.ring = address, request, ring
+        self.started = False  # holds a load slot: asking again now starts over
+        self.greenlet = None
 
 
 def main(argv=None):

@@ -121,6 +121,11 @@ class Store:
                 _roll_back(connection)
                 raise ConflictError(one_line(error)) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+                if not _connection_lost(connection, error):
+                    # A statement or lock timeout, a deadlock: the transaction is rolled back, the
+                    # connection is fine.
+                    _roll_back(connection)
+                    raise StoreUnavailableError(f"the provisioning database refused: {one_line(error)}") from None
                 connection.close()
                 self.close()  # after a restart of the database, the idle ones are dead too
                 if committing:
@@ -373,6 +378,12 @@ def _pages(cursor, select, batch, change):
             return
         yield [change(row) for row in rows]
         after = (rows[-1][1], rows[-1][0])
+
+
+def _connection_lost(connection, error):
+    """Whether error means the connection is gone (not a timeout or deadlock inside a live one)."""
+    code = getattr(error, "pgcode", None)
+    return bool(connection.closed) or isinstance(error, psycopg2.InterfaceError) or code is None or code[:2] == "08"
 
 
 def _roll_back(connection):

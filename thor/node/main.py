@@ -18,6 +18,7 @@ from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
+from thor.node.accounts import ROLE as ACCOUNTS_ROLE
 from thor.node.accounts import AccountCache, accounts_application
 from thor.node.config import NodeConfig
 from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch
@@ -104,7 +105,10 @@ class NodeDaemon(MemberDaemon):
                 "[Node] accounts_listen = %s is not a loopback address: anyone who reaches it reads digest hashes",
                 format_address(settings.accounts_listen),
             )
-        self.accounts.start()
+        if ACCOUNTS_ROLE in self.identity.roles:
+            self.accounts.start()
+        else:  # the event servers would refuse its subscriptions: the accounts are sip_proxy nodes'
+            self.log.info("the certificate grants no %s: the account cache stays empty", ACCOUNTS_ROLE)
         self._checkers = [
             gevent.spawn(watch, health, settings.check_interval, settings.check_timeout, self._health_changed)
             for health in self.health.values()

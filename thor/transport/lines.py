@@ -36,6 +36,8 @@ READ_SIZE = 65536
 FLUSH_SIZE = 65536
 # A connection that asked nothing for this long gives its slot to a newcomer when all are taken.
 EVICT_AFTER = 1.0
+# Seconds a connection gives others after each batch, at most (when the loop is never idle).
+YIELD_AT_MOST = 0.005
 # Refusals being written at once; beyond that a refused client is closed without a word, so a
 # connection flood cannot hold file descriptors in refusals.
 MAX_REFUSING = 64
@@ -93,8 +95,9 @@ class LineServer:
 
     @property
     def file_descriptors(self):
-        """The most descriptors this server holds at once: for the process's open files limit."""
-        return self.max_connections + MAX_REFUSING + 1
+        """The most descriptors this server holds at once: for the process's open files limit
+        (its connections, the refusals, what one accept burst takes and the listener)."""
+        return self.max_connections + MAX_REFUSING + StreamServer.max_accept + 1
 
     def start(self):
         self._server = StreamServer(self.listen, self._serve, backlog=1024)
@@ -180,8 +183,10 @@ class LineServer:
                 return
             # recv and sendall return without switching while the client keeps up: let others run.
             # Not sleep(0): the loop runs up to 50 such callbacks (50 batches) between its polls
-            # for I/O; idle() resumes only once the loop has polled and served what was ready.
-            gevent.idle()
+            # for I/O. idle() resumes once the loop has polled and served what was ready; it
+            # might never be idle under a steady load, hence the bound.
+            with gevent.Timeout(YIELD_AT_MOST, False):
+                gevent.idle()
 
     def _answer_lines(self, sock, lines):
         """Answer complete lines in order; False when the connection is to close."""
