@@ -397,11 +397,19 @@ def test_lookups_stay_correct_and_answered_while_the_status_changes_under_load()
     assert follower.wait(1, timeout=10)
     clients = [gevent.spawn(ask) for _ in range(4)]
     try:
-        for version in range(2, 9):  # back to back: the follower coalesces what comes during a build
+        for version in range(2, 6):  # back to back: the follower coalesces what comes during a build
             cache.update(status_body(version, sets[version]))
             gevent.sleep(0.15)
-        assert follower.wait(8, timeout=20), "the follower did not reach status 8"
-        wait_for(lambda: any(first == last == 8 for first, last, _ in batches), timeout=10, message="answers of 8")
+        for version in range(6, 9):  # then one at a time, each answered before the next comes
+            cache.update(status_body(version, sets[version]))
+            assert follower.wait(version, timeout=20), f"the follower did not reach status {version}"
+            wait_for(
+                lambda version=version: any(first == last == version for first, last, _ in batches),
+                timeout=10,
+                message=f"answers of {version}",
+            )
+        # A slow machine answers fewer batches in the same time; wait for the load, not for a time.
+        wait_for(lambda: len(batches) > 100, timeout=30, message="100 batches of answers")
     finally:
         done.set()
         gevent.joinall(clients, timeout=10)
@@ -414,7 +422,7 @@ def test_lookups_stay_correct_and_answered_while_the_status_changes_under_load()
         for key, owner in zip(keys, answers, strict=True):
             assert any(owner == reference[version].owner(key) for version in range(first, last + 1)), (key, owner)
     settled = {first for first, last, _ in batches if first == last}
-    assert len(batches) > 100 and len(settled) >= 3, (len(batches), settled)  # load, across several changes
+    assert {1, 6, 7, 8} <= settled, settled  # answers from several of the tables, not just the last
     assert max(gaps) < 2.0, max(gaps)  # answered throughout, builds included
 
 
