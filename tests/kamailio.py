@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 
+import processes
 from conftest import wait_for
 
 from thor.node.health import Check
@@ -61,7 +62,7 @@ class Kamailio:
     def stop(self):
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(10)
+            processes.exited(self.process, 10)
 
     def log(self):
         with open(os.path.join(self.directory, "kamailio.log"), errors="replace") as stream:

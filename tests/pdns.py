@@ -131,4 +131,4 @@ class PowerDNS:
     def stop(self):
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            processes.exited(self.process, 10)

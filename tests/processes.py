@@ -15,6 +15,16 @@ def free_port(host="127.0.0.1"):
         return sock.getsockname()[1]
 
 
+def exited(process, timeout):
+    """Wait for a child process to end and return its exit code, or None after timeout. Unlike
+    Popen.wait, the wait is cooperative: in-process event clients keep their keepalives going."""
+    try:
+        wait_for(lambda: process.poll() is not None, timeout, interval=0.01, message="the process to exit")
+    except AssertionError:
+        return None
+    return process.returncode
+
+
 def config_text(sections):
     """INI text from {section: {key: value}}."""
     lines = []
@@ -61,26 +71,27 @@ class Program:
     def signal(self, signum):
         self.process.send_signal(signum)
 
+    def exited(self, timeout):
+        return exited(self.process, timeout)
+
     def kill(self):
         """kill -9: no clean up, the kernel closes its sockets."""
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+        self.exited(10)
 
     def stop(self, timeout=10):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if self.exited(timeout) is None:
                 self.process.kill()
-                self.process.wait(5)
-                raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s") from None
+                self.exited(5)
+                raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s")
         return self.process.returncode
 
     def close(self):
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+            self.exited(10)
 
 
 def tls_values(files, **extra):

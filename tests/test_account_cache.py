@@ -60,7 +60,7 @@ class Rings:
 @pytest.fixture
 def cache():
     member = Member()
-    built = AccountCache(member, Rings(), reload_interval=3600, request_timeout=1.0)
+    built = AccountCache(member, Rings(), reload_interval=3600, request_timeout=2.0)
     built.start()
     built._want()  # as when the event client connects
     yield built
@@ -131,8 +131,8 @@ def test_a_long_load_is_not_abandoned_while_its_parts_keep_coming(cache):
     client = cache.member.client
     request = wait_for(lambda: cache._pending and cache._pending[0], message="a request")
     records = [change(index, key=f"user{index}@example.com") for index in range(1, 6)]
-    for part, record in enumerate(records):  # 5 parts over 1.5 s: longer than request_timeout (1 s) in all
-        gevent.sleep(0.3)
+    for part, record in enumerate(records):  # 5 parts over 2.5 s: longer than request_timeout (2 s) in all
+        gevent.sleep(0.5)
         body = {"request": request, "part": part, "records": [record], "last": part == len(records) - 1}
         client.deliver(accounts_topic("node1"), body)
     assert cache.loads == 1

@@ -75,7 +75,7 @@ def test_signals_reload_debug_and_clean_stop(pki, program):
     echo.wait_log("certificate revoked")
 
     echo.signal(signal.SIGTERM)
-    assert echo.process.wait(5) == 0
+    assert echo.exited(5) == 0
     log = echo.log()
     assert "SIGTERM received, stopping" in log
     assert log.rstrip().endswith("thor-test-echo stopped")
@@ -87,11 +87,11 @@ def test_interrupt_stops_cleanly(pki, program):
     echo = program(tls_section(pki.issue("es1", "thor_eventserver")), "--debug")
     echo.wait_log(f"listening on 127.0.0.1:{echo.port}")  # --debug is on from the start
     echo.signal(signal.SIGINT)
-    assert echo.process.wait(5) == 0
+    assert echo.exited(5) == 0
 
 
 def assert_fails_at_start(program, message):
-    assert program.process.wait(10) == EX_CONFIG
+    assert program.exited(10) == EX_CONFIG
     lines = program.log().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("thor-test-echo: error: ")

@@ -5,7 +5,6 @@ import os
 import struct
 import time
 
-import gevent
 import processes
 import pytest
 from conftest import REPO, wait_for
@@ -376,16 +375,16 @@ def test_silent_member_is_dropped_after_idle_timeout_and_announced(pki, cluster)
     events = Recorder()
     observer.subscribe(CONNECTIONS, events)
     tls_socket = raw_member(pki, server)
+    started = time.monotonic()  # before the hello: the last thing the member ever sends
     tls_socket.sendall(HELLO)
     hello = read_frames(tls_socket)[0]
     assert hello["keepalive"] == 0.3
-    started = time.monotonic()
     wait_for(
         lambda: any(b["event"] == "disconnected" and b["member"]["name"] == "node1" for b in events.bodies()),
-        timeout=3,
+        timeout=4,
         message="silent member dropped",
     )
-    assert 0.9 < time.monotonic() - started < 2
+    assert 1.0 <= time.monotonic() - started < 3  # at the idle timeout, not before it and not much after
     error = [frame for frame in read_frames(tls_socket, 2) if frame["type"] == "error"]
     assert error and error[0]["code"] == "idle"
     tls_socket.close()
@@ -410,8 +409,8 @@ def test_slow_subscriber_is_disconnected_and_the_server_stays_bounded(pki, clust
     blob = "x" * 16000
     for index in range(400):  # 6.4 MB, far beyond the slow member's socket buffers and the 256 KiB queue
         publisher.publish(APP, {"n": index, "blob": blob})
-        if index % 10 == 0:
-            gevent.sleep(0.01)
+        if index % 10 == 0:  # paced on the member that reads, so only the one that never reads falls behind
+            wait_for(lambda index=index: len(fast_received.messages) >= index - 5, timeout=10, message="node3 reading")
     server.wait_log("disconnecting node2 (127.0.0.1:", timeout=10)
     assert "does not keep up" in server.log()
     wait_for(lambda: len(fast_received.messages) == 400, timeout=20, message="fast subscriber got everything")
@@ -444,7 +443,7 @@ def test_event_server_needs_its_role(tmp_path, pki):
         ["-m", "thor.eventserver.main"],
         {"TLS": processes.tls_values(files), "EventServer": {"listen": f"127.0.0.1:{processes.free_port()}"}},
     )
-    assert program.process.wait(20) == 78
+    assert program.exited(20) == 78
     assert "does not grant thor_eventserver" in program.log()
 
 

@@ -106,7 +106,7 @@ def test_a_taken_lookup_port_is_a_one_line_startup_error(tmp_path, pki):
         first = overlay.node("node1", "sip_proxy", "127.0.3.1")
         first.wait_log("lookup interface listening")
         second = overlay.node("node2", "sip_proxy", "127.0.3.2", lookup={"listen": "{}:{}".format(*first.lookup)})
-        assert second.process.wait(20) == 78
+        assert second.exited(20) == 78
         assert f"[Lookup] listen = {first.lookup[0]}:{first.lookup[1]}: Address already in use" in second.log()
     finally:
         overlay.close()

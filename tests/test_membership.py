@@ -73,7 +73,7 @@ def test_clean_stop_is_gone_within_half_a_second(overlay):
     status = wait_status(observer, lambda s: "node2" not in s.members, timeout=2, message="node2 gone")
     elapsed = time.monotonic() - stopped
     assert elapsed <= 0.5, f"clean leave took {elapsed:.3f}s"
-    assert node.process.wait(5) == 0
+    assert node.exited(5) == 0
     assert status.version > before.version
 
 
@@ -201,7 +201,7 @@ def test_node_refuses_roles_its_certificate_does_not_grant(overlay, pki):
     overlay.start_eventservers(1)
     pki.ca.issue("node1", "sip_proxy", address="127.0.0.11")
     node = overlay.start("node1", "thor.node.main", "sip_proxy", "127.0.0.11", Node={"roles": "sip_proxy,xcap_server"})
-    assert node.process.wait(20) == 78
+    assert node.exited(20) == 78
     assert "does not grant xcap_server (it grants sip_proxy)" in node.log()
 
 
@@ -220,7 +220,7 @@ def test_node_says_which_of_its_ports_is_taken(overlay, pki):
             Node={"accounts_listen": f"127.0.0.11:{port}"},
             Lookup={"listen": f"127.0.0.11:{processes.free_port('127.0.0.11')}"},
         )
-        assert node.process.wait(20) == 78
+        assert node.exited(20) == 78
     assert f"[Node] accounts_listen = 127.0.0.11:{port}: Address already in use" in node.log()
     assert "Traceback" not in node.log()
 
@@ -254,7 +254,7 @@ def test_monitor_once_prints_a_snapshot(overlay, pki):
     pki.ca.issue("monitor1", "thor_monitor")
     sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
     monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", "--once"], sections)
-    assert monitor.process.wait(30) == 0, monitor.log()
+    assert monitor.exited(30) == 0, monitor.log()
     with open(monitor.stdout_path) as stream:
         lines = stream.read().splitlines()
     assert lines[0].startswith("network status v") and "by manager1" in lines[0]
@@ -267,7 +267,7 @@ def test_monitor_live_view_needs_a_terminal(overlay, pki):
     pki.ca.issue("monitor1", "thor_monitor")
     sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
     monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main"], sections)
-    assert monitor.process.wait(30) == 78
+    assert monitor.exited(30) == 78
     assert "thor-monitor: error: the live view needs a terminal; use --once" in monitor.log()
 
 
