@@ -77,7 +77,7 @@ class Program:
     def kill(self):
         """kill -9: no clean up, the kernel closes its sockets."""
         self.process.send_signal(signal.SIGKILL)
-        self.exited(10)
+        assert self.exited(10) is not None, f"{self.name} did not end on SIGKILL within 10s"
 
     def stop(self, timeout=10):
         if self.process.poll() is None:
@@ -91,7 +91,7 @@ class Program:
     def close(self):
         if self.process.poll() is None:
             self.process.kill()
-            self.exited(10)
+            assert self.exited(10) is not None, f"{self.name} did not end on SIGKILL within 10s"
 
 
 def tls_values(files, **extra):
