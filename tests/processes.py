@@ -1,6 +1,7 @@
 """Run Thor programs as real processes on loopback for multi-process tests."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -8,11 +9,26 @@ import sys
 
 from conftest import REPO, wait_for
 
+# Below the kernel's ephemeral range (32768-60999): a port handed out here is not taken by an
+# outgoing connection before the program binds it, and none is handed out twice in one run
+# (two servers asking before either binds would otherwise get the same port).
+PORT_RANGE = (20000, 32000)
+_handed_out = set()
+
 
 def free_port(host="127.0.0.1"):
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    for _ in range(10000):
+        port = random.randrange(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} in {PORT_RANGE}")
 
 
 def exited(process, timeout):
