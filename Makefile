@@ -110,7 +110,7 @@ deb: deps
 deb-test: deb
 	bash tests/infra/deb-test.sh $(DEB_DIR)
 
-# The molecule cluster: 7 bookworm containers converged with playbooks/site.yml
+# The molecule cluster: 8 bookworm containers converged with playbooks/site.yml
 # and the packages of make deb, checked for idempotence, then verified
 # (molecule/cluster/tests). The CA lives in a fresh folder for each run.
 molecule: deb venv

@@ -30,11 +30,14 @@ class Overlay:
             "event_servers": ", ".join(f"127.0.0.1:{server.port}" for server in self.eventservers),
         }
 
-    def start(self, name, module, roles, address, **sections):
-        """Start a member program (thor.manager.main, thor.node.main, ...) with its own certificate."""
-        if not os.path.exists(self.pki.ca.certificate_path(name)):
-            self.pki.ca.issue(name, roles, address=address)
-        config = {"ThorNetwork": self.network(), "TLS": processes.tls_values(self.pki.files(name)), **sections}
+    def start(self, name, module, roles, address, certificate=None, **sections):
+        """Start a member program (thor.manager.main, thor.node.main, ...) with its own certificate,
+        or with the certificate of another name (programs sharing a host: one name, one certificate)."""
+        certificate = certificate or name
+        if not os.path.exists(self.pki.ca.certificate_path(certificate)):
+            self.pki.ca.issue(certificate, roles, address=address)
+        files = self.pki.files(certificate)
+        config = {"ThorNetwork": self.network(), "TLS": processes.tls_values(files), **sections}
         program = processes.Program(self.directory, name, ["-m", module], config)
         self.programs[name] = program
         return program

@@ -81,6 +81,10 @@ class Program:
         with open(self.log_path, errors="replace") as stream:
             return stream.read()
 
+    def stdout(self):
+        with open(self.stdout_path, errors="replace") as stream:
+            return stream.read()
+
     def wait_log(self, text, timeout=10):
         wait_for(lambda: text in self.log(), timeout=timeout, message=f"{text!r} in the log of {self.name}")
 

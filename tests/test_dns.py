@@ -14,12 +14,13 @@ import processes
 import psycopg2
 import pytest
 from conftest import wait_for
+from eventbus import EventServerProcess
 from overlay import Overlay, wait_status
 from pdns import SCHEMA, PostgreSQL, PowerDNS
 
 from thor.dns.records import ZoneSettings, zone_records
 from thor.membership.entity import make_entity
-from thor.membership.status import NetworkStatus
+from thor.membership.status import NetworkStatus, merge_presence
 
 DOMAIN = "sipthor.test"
 NODES = {"node1": "127.0.0.11", "node2": "127.0.0.12", "node3": "127.0.0.13", "node4": "127.0.0.14"}
@@ -27,7 +28,9 @@ LIMIT = 2
 
 
 def status_of(nodes):
-    members = {name: make_entity(name, address, ["sip_proxy"], "0.1.0", 0) for name, address in nodes.items()}
+    members = {
+        name: merge_presence([make_entity(name, address, ["sip_proxy"], "0.1.0", 0)]) for name, address in nodes.items()
+    }
     return NetworkStatus(1, "manager1", members)
 
 
@@ -166,6 +169,33 @@ def test_embedded_backend(overlay):
     # An empty non-terminal exists (RFC 8020): NODATA, not NXDOMAIN.
     between = query(server, f"_udp.{DOMAIN}.", "A")
     assert between.rcode() == dns.rcode.NOERROR and not between.answer
+
+
+def test_srv_records_name_each_programs_own_port_on_a_shared_host(overlay, pki):
+    """An event server, a manager and ngnpro on one host share its certificate and name; each
+    service's SRV record carries the port of the program behind it, whatever started last."""
+    address = "127.0.2.1"
+    pki.ca.issue("thor1", "thor_eventserver,thor_manager,provisioning_server", address=address)
+    server = EventServerProcess(overlay.directory, pki, "thor1")
+    overlay.eventservers.append(server)
+    server.wait_ready()
+    overlay.start("thor1-manager", "thor.manager.main", None, address, certificate="thor1")
+    ngnpro_port = processes.free_port(address)
+    ngnpro = {"listen": f"{address}:{ngnpro_port}", "password": "a-long-enough-password"}
+    overlay.start("thor1-ngnpro", "thor.ngnpro.main", None, address, certificate="thor1", NGNPro=ngnpro)
+    observer = overlay.observer()
+    wait_status(observer, lambda s: "thor1" in s.roles.get("provisioning_server", ()), message="ngnpro announced")
+    dns_port = processes.free_port()
+    start_thor_dns(overlay, backend="embedded", listen=f"127.0.0.1:{dns_port}").wait_log("zone sipthor.test serial")
+    dns_server = ("127.0.0.1", dns_port)
+
+    def srv_port(name):
+        answer = query(dns_server, f"{name}.{DOMAIN}.", "SRV").answer
+        return {record.target.to_text(): record.port for record in answer[0]} if answer else None
+
+    wait_for(lambda: srv_port("_ngnpro._tcp"), message="the _ngnpro._tcp SRV record")
+    assert srv_port("_eventserver._tcp") == {f"thor1.{DOMAIN}.": server.port}
+    assert srv_port("_ngnpro._tcp") == {f"thor1.{DOMAIN}.": ngnpro_port}
 
 
 def test_embedded_server_survives_malformed_and_truncated_packets(overlay):

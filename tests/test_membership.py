@@ -5,6 +5,7 @@ event servers (keepalive 1 s, idle timeout 3 s); bench/membership_bench.py
 measures them over many trials.
 """
 
+import os
 import signal
 import socket
 import time
@@ -50,7 +51,7 @@ def test_status_lists_roles_members_and_the_active_manager(overlay):
     assert status.addresses("sip_proxy") == ["127.0.0.11", "127.0.0.12"]
     # The event servers the managers reach are listed too, with their ports (for DNS SRV records).
     assert status.roles["thor_eventserver"] == ("es1", "es2", "es3")
-    assert [e["attributes"]["port"] for e in status.role_members("thor_eventserver")] == [
+    assert [status.attributes(name, "thor_eventserver")["port"] for name in status.roles["thor_eventserver"]] == [
         server.port for server in overlay.eventservers
     ]
     assert "standing by; the active manager is manager1" in overlay.programs["manager2"].log()
@@ -180,8 +181,16 @@ def test_health_check_withdraws_and_restores_a_role(overlay):
     service.stop()
     status = wait_status(observer, lambda s: "xcap_server" not in s.roles, timeout=5, message="xcap withdrawn")
     assert status.roles["sip_proxy"] == ("node1",)  # the node stays, with its other role
+    why = f"health check tcp:127.0.0.1:{service.port} does not answer"
+    assert status.members["node1"]["withdrawn"] == {"xcap_server": why}
+    # What a rollout's verification asks: the monitor names the member, the role and the check.
+    monitor = start_monitor(overlay, "--once", "--wait", "1", "--expect", "node1=sip_proxy,xcap_server")
+    assert monitor.exited(30) == 4, monitor.log()
+    assert f"  node1: xcap_server withdrawn: {why}" in monitor.stdout().splitlines()
     service.start()
     wait_status(observer, lambda s: s.roles.get("xcap_server") == ("node1",), timeout=5, message="xcap back")
+    monitor = start_monitor(overlay, "--once", "--wait", "10", "--expect", "node1=sip_proxy,xcap_server")
+    assert monitor.exited(30) == 0, monitor.log()
     log = overlay.programs["node1"].log()
     assert "role xcap_server: tcp:127.0.0.1:" in log and "withdrawing the role" in log
     service.stop()
@@ -239,34 +248,41 @@ def test_database_location_is_published_without_password(overlay):
     )
     observer = overlay.observer()
     status = wait_status(observer, lambda s: "thor_database" in s.roles, message="database announced")
-    assert status.members["db1"]["attributes"] == {
+    assert status.attributes("db1", "thor_database") == {
         "host": "127.0.0.1",
         "port": database.port,
         "database": "thor",
         "priority": 5,
     }
     database.stop()
-    wait_status(observer, lambda s: "thor_database" not in s.roles, timeout=10, message="database withdrawn")
+    status = wait_status(observer, lambda s: "thor_database" not in s.roles, timeout=10, message="database withdrawn")
+    # The member stays, saying why its role is withdrawn.
+    assert status.members["db1"]["withdrawn"] == {
+        "thor_database": f"health check tcp:127.0.0.1:{database.port} does not answer"
+    }
 
 
-def test_monitor_once_prints_a_snapshot(overlay, pki):
+def start_monitor(overlay, *arguments):
+    """thor-monitor with arguments, under a certificate of its own."""
+    if not os.path.exists(overlay.pki.ca.certificate_path("monitor1")):
+        overlay.pki.ca.issue("monitor1", "thor_monitor")
+    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(overlay.pki.files("monitor1"))}
+    return processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", *arguments], sections)
+
+
+def test_monitor_once_prints_a_snapshot(overlay):
     start_network(overlay)
-    pki.ca.issue("monitor1", "thor_monitor")
-    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
-    monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", "--once"], sections)
+    monitor = start_monitor(overlay, "--once")
     assert monitor.exited(30) == 0, monitor.log()
-    with open(monitor.stdout_path) as stream:
-        lines = stream.read().splitlines()
+    lines = monitor.stdout().splitlines()
     assert lines[0].startswith("network status v") and "by manager1" in lines[0]
     assert any(line.split()[:3] == ["sip_proxy", "node1", "(127.0.0.11),"] for line in lines)
     assert any(line.startswith("node2") and "sip_proxy,xcap_server" in line for line in lines)
 
 
-def test_monitor_live_view_needs_a_terminal(overlay, pki):
+def test_monitor_live_view_needs_a_terminal(overlay):
     overlay.start_eventservers(1)
-    pki.ca.issue("monitor1", "thor_monitor")
-    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(pki.files("monitor1"))}
-    monitor = processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main"], sections)
+    monitor = start_monitor(overlay)
     assert monitor.exited(30) == 78
     assert "thor-monitor: error: the live view needs a terminal; use --once" in monitor.log()
 

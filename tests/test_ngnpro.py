@@ -86,21 +86,26 @@ class Network:
         self.nodes.pop(name).stop()
 
     def client(self, address=NGNPRO_ADDRESS, port=None):
-        session = requests.Session()
-        session.verify = self.pki.ca.ca_certificate_path
-        session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
-        transport = zeep.transports.Transport(session=session, timeout=30, operation_timeout=30)
-        url = f"https://{address}:{port or self.port}/ngnpro/wsdl"
-        wait_for(lambda: _answers(session, url), timeout=20, message="ngnpro serving its WSDL")
-        soap = Soap(zeep.Client(url, transport=transport))
-        wait_for(lambda: _database_ready(soap), timeout=20, message="ngnpro reaching the database")
-        return soap
+        return soap_client(self.pki, address, port or self.port)
 
     def status(self, predicate, message):
         return wait_status(self.observer, predicate, timeout=20, message=message)
 
     def close(self):
         self.overlay.close()
+
+
+def soap_client(pki, address, port):
+    """A zeep client of the NGNPro at address:port, once it serves its WSDL and reaches its database."""
+    session = requests.Session()
+    session.verify = pki.ca.ca_certificate_path
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
+    transport = zeep.transports.Transport(session=session, timeout=30, operation_timeout=30)
+    url = f"https://{address}:{port}/ngnpro/wsdl"
+    wait_for(lambda: _answers(session, url), timeout=20, message="ngnpro serving its WSDL")
+    soap = Soap(zeep.Client(url, transport=transport))
+    wait_for(lambda: _database_ready(soap), timeout=20, message="ngnpro reaching the database")
+    return soap
 
 
 def _answers(session, url):
@@ -221,6 +226,53 @@ def test_the_wsdl_has_both_ports_and_calls_need_the_login(network):
     intruder = Soap(soap.client, password="wrong-password")
     assert fault_code(intruder.getDomains) == "Client.Unauthorized"
     assert soap.getDomains() in (None, [])
+
+
+@pytest.mark.parametrize("first", ["thor-database", "ngnpro"])
+def test_ngnpro_reaches_the_database_that_its_own_host_publishes(tmp_path, pki, postgresql, first):
+    """thor-database and ngnpro on one host share its certificate and name, each with its own port
+    attribute; whichever starts first, ngnpro reads the database's port, not its own."""
+    postgresql.create_database("thor")
+    overlay = Overlay(str(tmp_path), pki)
+    try:
+        overlay.start_eventservers(1)
+        overlay.manager("manager1")
+        observer = overlay.observer()
+        pki.ca.issue("db1", "thor_database,provisioning_server", address=NGNPRO_ADDRESS)
+        port = free_port(NGNPRO_ADDRESS)
+        starts = {
+            "thor-database": lambda: overlay.start(
+                "db1-database",
+                "thor.database.main",
+                None,
+                NGNPRO_ADDRESS,
+                certificate="db1",
+                Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
+            ),
+            "ngnpro": lambda: overlay.start(
+                "db1-ngnpro",
+                "thor.ngnpro.main",
+                None,
+                NGNPRO_ADDRESS,
+                certificate="db1",
+                NGNPro={"listen": f"{NGNPRO_ADDRESS}:{port}", "password": PASSWORD, "database_user": "postgres"},
+            ),
+        }
+        second = "ngnpro" if first == "thor-database" else "thor-database"
+        role = {"thor-database": "thor_database", "ngnpro": "provisioning_server"}
+        starts[first]()
+        wait_status(observer, lambda s: "db1" in s.roles.get(role[first], ()), message=f"{first} announced")
+        starts[second]()
+        wait_status(
+            observer,
+            lambda s: "db1" in s.roles.get("thor_database", ()) and "db1" in s.roles.get("provisioning_server", ()),
+            message="both programs of db1 announced",
+        )
+        soap = soap_client(pki, NGNPRO_ADDRESS, port)  # waits until ngnpro reaches the database
+        soap.addDomain(DOMAIN)
+        assert soap.getDomains() == [DOMAIN]
+    finally:
+        overlay.close()
 
 
 def test_domains_accounts_and_aliases_with_clear_faults(network):

@@ -22,7 +22,7 @@ from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import run
 from thor.database.config import DatabaseConfig
 from thor.membership.program import MemberDaemon
-from thor.node.health import Check, RoleHealth, watch
+from thor.node.health import Check, RoleHealth, watch, withdrawn_roles
 
 ROLE = "thor_database"
 
@@ -41,6 +41,9 @@ class DatabaseDaemon(MemberDaemon):
         self.health.up = self.health.check.probe(settings.check_timeout)
         self.log.info("database check %s is %s", check, "up" if self.health.up else "DOWN")
         return [ROLE] if self.health.up else []
+
+    def withdrawn(self):
+        return withdrawn_roles([self.health])
 
     def attributes(self):
         settings = self.config[DatabaseConfig]
@@ -66,7 +69,7 @@ class DatabaseDaemon(MemberDaemon):
     def _health_changed(self, health):
         state = "accepts connections again" if health.up else "does not accept connections"
         self.log.warning("database %s %s", health.check, state)
-        self.member.set_roles([ROLE] if health.up else [])
+        self.member.set_roles([ROLE] if health.up else [], self.withdrawn())
 
 
 def main(argv=None):

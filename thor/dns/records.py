@@ -31,17 +31,20 @@ class ZoneSettings:
         return f"{name}.{self.origin}"
 
 
-# Per role: a name for its members' addresses, and SRV services (service, port).
-# A port of None takes the member's "port" attribute (event servers announce theirs).
+# Per role: a name for its members' addresses, and SRV services (service, port). A role
+# whose program announces a "port" attribute with it (event servers, NGNPro) gets that
+# port in its SRV records instead of the default given here.
 SERVICES = {
     "sip_proxy": ("sip", (("_sip._udp", 5060), ("_sip._tcp", 5060), ("_sips._tcp", 5061))),
     "xcap_server": ("xcap", (("_xcap._tcp", 443),)),
     "provisioning_server": ("ngnpro", (("_ngnpro._tcp", 9200),)),
     "msrprelay_server": ("msrprelay", (("_msrps._tcp", 2855),)),
-    "thor_eventserver": ("eventserver", (("_eventserver._tcp", None),)),
+    "thor_eventserver": ("eventserver", (("_eventserver._tcp", 8000),)),
     "voicemail_server": ("voicemail", ()),
     "media_relay": ("relay", ()),
 }
+# The roles whose programs announce the port they serve on.
+PORT_ANNOUNCED = frozenset({"thor_eventserver", "provisioning_server"})
 
 NAPTR = (
     (10, "SIPS+D2T", "_sips._tcp"),
@@ -86,6 +89,13 @@ def _address_type(address):
     return "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
 
 
+def _port(status, name, role, default):
+    if role not in PORT_ANNOUNCED:
+        return default
+    port = status.attributes(name, role).get("port")
+    return port if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else default
+
+
 def zone_records(status, settings):
     """{(name, type): RRSet} for everything but the SOA (its serial is the backend's)."""
     ttl = settings.ttl
@@ -119,9 +129,9 @@ def zone_records(status, settings):
             by_type.setdefault(_address_type(entity["address"]), []).append(entity["address"])
         for rdtype, addresses in by_type.items():
             add(f"{label}.{origin}", rdtype, addresses, sliced=True)
-        for service, port in services:
+        for service, default_port in services:
             targets = [
-                f"{SRV_PRIORITY} {SRV_WEIGHT} {port or entity['attributes'].get('port', 8000)} "
+                f"{SRV_PRIORITY} {SRV_WEIGHT} {_port(status, entity['name'], role, default_port)} "
                 f"{host_name(settings, entity['name'])}"
                 for entity in members
             ]

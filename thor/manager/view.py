@@ -3,7 +3,8 @@
 Several programs of one host (an event server and a manager, say) share the
 host's certificate and so its name; each publishes its own presence under its
 own session. The view therefore keeps presence per (name, session) and merges
-the live sessions of a name into one entity (roles united).
+the live sessions of a name into one member: roles united, each role's
+attributes those of the program that announces it (merge_presence).
 
 Liveness: a session is alive while at least one event server reports a
 connection that carries it (Thor.Connections: each server announces the
@@ -23,7 +24,7 @@ import logging
 import time
 
 from thor.membership.entity import EntityError, validate_entity
-from thor.membership.status import NetworkStatus
+from thor.membership.status import NetworkStatus, merge_presence
 
 __all__ = ["MANAGER_ROLE", "NetworkView"]
 
@@ -115,16 +116,11 @@ class NetworkView:
         return live
 
     def live_members(self):
-        """{name: entity}, the live sessions of each name merged."""
-        members = {}
-        for (name, _), entity in sorted(self.live_sessions().items(), key=lambda item: item[1]["since"]):
-            merged = members.get(name)
-            if merged is None:
-                members[name] = dict(entity, roles=list(entity["roles"]), attributes=dict(entity["attributes"]))
-            else:
-                merged["roles"] = sorted(set(merged["roles"]) | set(entity["roles"]))
-                merged["attributes"].update(entity["attributes"])
-        return members
+        """{name: status member}, the live sessions of each name merged (merge_presence)."""
+        sessions = {}
+        for (name, _), entity in self.live_sessions().items():
+            sessions.setdefault(name, []).append(entity)
+        return {name: merge_presence(entities) for name, entities in sessions.items()}
 
     def active_manager(self):
         managers = [entity for entity in self.live_sessions().values() if MANAGER_ROLE in entity["roles"]]

@@ -2,17 +2,21 @@
 
     {"name": "node1", "address": "192.0.2.21", "roles": ["sip_proxy"],
      "version": "0.1.0", "status": "ok", "since": 1764048000.0,
-     "attributes": {"control_port": 25060}}
+     "attributes": {"control_port": 25060},
+     "withdrawn": {"media_relay": "tcp:127.0.0.1:25060 does not answer"}}
 
 name and roles are checked against the certificate by the event server; the
-rest is checked here by whoever consumes presence (the manager).
+rest is checked here by whoever consumes presence (the manager). attributes
+belong to the roles this program announces (programs sharing a host keep
+their own, docs/membership.md); withdrawn names the roles the program would
+announce but whose service fails its health check, and why.
 """
 
 import ipaddress
 
 from thor.roles import RoleError, check_role_name
 
-__all__ = ["EntityError", "make_entity", "validate_entity"]
+__all__ = ["EntityError", "make_entity", "validate_attributes", "validate_entity", "validate_withdrawn"]
 
 MAX_ATTRIBUTES = 32
 MAX_TEXT = 256
@@ -22,7 +26,7 @@ class EntityError(ValueError):
     pass
 
 
-def make_entity(name, address, roles, version, since, status="ok", attributes=None):
+def make_entity(name, address, roles, version, since, status="ok", attributes=None, withdrawn=None):
     return validate_entity(
         {
             "name": name,
@@ -32,6 +36,7 @@ def make_entity(name, address, roles, version, since, status="ok", attributes=No
             "status": status,
             "since": since,
             "attributes": dict(attributes or {}),
+            "withdrawn": dict(withdrawn or {}),
         }
     )
 
@@ -55,14 +60,6 @@ def validate_entity(body):
     since = body.get("since", 0)
     if not isinstance(since, (int, float)) or isinstance(since, bool):
         raise EntityError(f"entity {name}: since is not a number")
-    attributes = body.get("attributes", {})
-    if not isinstance(attributes, dict) or len(attributes) > MAX_ATTRIBUTES:
-        raise EntityError(f"entity {name}: attributes must be an object of at most {MAX_ATTRIBUTES} keys")
-    for key, value in attributes.items():
-        if not isinstance(value, (str, int, float, bool)) or value is None:
-            raise EntityError(f"entity {name}: attribute {key!r} is not a string, number or boolean")
-        if isinstance(value, str) and len(value) > MAX_TEXT:
-            raise EntityError(f"entity {name}: attribute {key!r} is longer than {MAX_TEXT}")
     return {
         "name": name,
         "address": address,
@@ -70,8 +67,37 @@ def validate_entity(body):
         "version": _text(body, "version", default=""),
         "status": _text(body, "status", default="ok"),
         "since": float(since),
-        "attributes": dict(attributes),
+        "attributes": validate_attributes(name, body.get("attributes", {})),
+        "withdrawn": validate_withdrawn(name, body.get("withdrawn", {})),
     }
+
+
+def validate_attributes(name, attributes):
+    """A copy of a free attributes object: at most MAX_ATTRIBUTES short strings, numbers or booleans."""
+    if not isinstance(attributes, dict) or len(attributes) > MAX_ATTRIBUTES:
+        raise EntityError(f"entity {name}: attributes must be an object of at most {MAX_ATTRIBUTES} keys")
+    for key, value in attributes.items():
+        if len(key) > MAX_TEXT:
+            raise EntityError(f"entity {name}: an attribute name is longer than {MAX_TEXT}")
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise EntityError(f"entity {name}: attribute {key!r} is not a string, number or boolean")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise EntityError(f"entity {name}: attribute {key!r} is longer than {MAX_TEXT}")
+    return dict(attributes)
+
+
+def validate_withdrawn(name, withdrawn):
+    """A copy of {role: why it is withdrawn}, as short text."""
+    if not isinstance(withdrawn, dict) or len(withdrawn) > MAX_ATTRIBUTES:
+        raise EntityError(f"entity {name}: withdrawn must be an object of at most {MAX_ATTRIBUTES} roles")
+    for role, reason in withdrawn.items():
+        try:
+            check_role_name(role)
+        except RoleError as error:
+            raise EntityError(f"entity {name}: withdrawn: {error}") from None
+        if not isinstance(reason, str) or len(reason) > MAX_TEXT:
+            raise EntityError(f"entity {name}: withdrawn {role}: the reason must be text of at most {MAX_TEXT}")
+    return dict(withdrawn)
 
 
 def _text(body, key, default=None):

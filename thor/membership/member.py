@@ -20,13 +20,16 @@ log = logging.getLogger("thor.membership")
 class OverlayMember:
     """Publishes this member's entity (retained, so every server and newcomer has it) and follows Thor.Members."""
 
-    def __init__(self, client, name, address, roles=(), attributes=None, follow_status=True, announce=True):
+    def __init__(
+        self, client, name, address, roles=(), attributes=None, follow_status=True, announce=True, withdrawn=None
+    ):
         self.client = client
         self.announce = announce
         self.name = name
         self.address = address
         self.roles = tuple(sorted(roles))
         self.attributes = dict(attributes or {})
+        self.withdrawn = dict(withdrawn or {})
         self.since = time.time()
         self.status = StatusCache()
         if follow_status:
@@ -34,17 +37,27 @@ class OverlayMember:
 
     @property
     def entity(self):
-        return make_entity(self.name, self.address, self.roles, __version__, self.since, attributes=self.attributes)
+        return make_entity(
+            self.name,
+            self.address,
+            self.roles,
+            __version__,
+            self.since,
+            attributes=self.attributes,
+            withdrawn=self.withdrawn,
+        )
 
     def start(self):
         self._announce()
         self.client.start()
 
-    def set_roles(self, roles):
-        roles = tuple(sorted(roles))
-        if roles != self.roles:
-            log.info("announcing roles %s", ",".join(roles) or "(none)")
-            self.roles = roles
+    def set_roles(self, roles, withdrawn=None):
+        """Announce roles; withdrawn: {role: why} for the roles held back (shown to operators)."""
+        roles, withdrawn = tuple(sorted(roles)), dict(withdrawn or {})
+        if roles != self.roles or withdrawn != self.withdrawn:
+            if roles != self.roles:
+                log.info("announcing roles %s", ",".join(roles) or "(none)")
+            self.roles, self.withdrawn = roles, withdrawn
             self._announce()
 
     def set_attributes(self, attributes):

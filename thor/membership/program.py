@@ -13,7 +13,8 @@ class MemberDaemon(Daemon):
     """A Daemon that joins the overlay with its certificate.
 
     Subclasses set required_role (the certificate must grant it), may
-    override roles() (what to announce), attributes(), setup() (subscribe,
+    override roles() (what to announce), attributes() (announced with those
+    roles), withdrawn() (roles held back and why), setup() (subscribe,
     start servers) and teardown(); self.client is the EventClient and
     self.member the OverlayMember with the network status.
     """
@@ -48,6 +49,7 @@ class MemberDaemon(Daemon):
             self.attributes(),
             follow_status=self.follow_status,
             announce=self.announce,
+            withdrawn=self.withdrawn(),
         )
         self.setup()
         self.member.start()
@@ -58,6 +60,10 @@ class MemberDaemon(Daemon):
         return [self.required_role] if self.required_role else []
 
     def attributes(self):
+        return {}
+
+    def withdrawn(self):
+        """{role: why} for roles this program holds back (a failing health check); runs after roles()."""
         return {}
 
     def setup(self):

@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import argparse
 import collections
 import curses
 import json
@@ -18,6 +19,8 @@ from thor.events.topics import CONNECTIONS
 from thor.membership.program import MemberDaemon
 
 EX_NO_STATUS = 1
+# --expect: the network status did not list every expected role in time.
+EX_UNMET = 4
 
 
 def format_age(seconds):
@@ -48,7 +51,44 @@ def snapshot_lines(status, now=None):
             f"{name:<24} {entity['address']:<16} {entity['version']:<10} "
             f"{format_age(now - entity['since']):<8} {','.join(entity['roles']) or '-'}"
         )
+    withdrawn = [
+        (name, role, reason)
+        for name in sorted(status.members)
+        for role, reason in sorted(status.members[name]["withdrawn"].items())
+    ]
+    if withdrawn:
+        lines.append("")
+        lines.append("WITHDRAWN (the service behind the role fails its health check)")
+        lines.extend(f"{name:<24} {role:<20} {reason}" for name, role, reason in withdrawn)
     return lines
+
+
+def parse_expectation(text):
+    """NAME=ROLE[,ROLE...] -> (name, roles)."""
+    name, equals, roles = text.partition("=")
+    roles = tuple(sorted({role.strip() for role in roles.split(",") if role.strip()}))
+    if not equals or not name.strip() or not roles:
+        raise argparse.ArgumentTypeError(f"expected NAME=ROLE[,ROLE...], not {text!r}")
+    return name.strip(), roles
+
+
+def unmet_expectations(status, expected):
+    """One line per expected (name, role) the status does not list, saying what keeps it out."""
+    problems = []
+    for name, roles in expected:
+        member = status.members.get(name)
+        if member is None:
+            problems.append(f"{name}: not in the network status (none of its programs is connected)")
+            continue
+        for role in roles:
+            if role in member["roles"]:
+                continue
+            reason = member["withdrawn"].get(role)
+            if reason is not None:
+                problems.append(f"{name}: {role} withdrawn: {reason}")
+            else:
+                problems.append(f"{name}: {role} not announced (the program that announces it is not connected)")
+    return problems
 
 
 class MonitorDaemon(MemberDaemon):
@@ -63,8 +103,19 @@ class MonitorDaemon(MemberDaemon):
         parser.add_argument(
             "--wait", type=float, default=10.0, help="with --once: seconds to wait for a status (default 10)"
         )
+        parser.add_argument(
+            "--expect",
+            metavar="NAME=ROLE[,ROLE]",
+            type=parse_expectation,
+            action="append",
+            default=[],
+            help=f"with --once: wait (up to --wait) until member NAME announces these roles; repeatable. "
+            f"Exit {EX_UNMET} naming what is missing and why when the status does not list them in time",
+        )
 
     def setup(self):
+        if self.options.expect and not self.options.once:
+            raise StartupError("--expect goes with --once")
         if not self.options.once and not sys.stdout.isatty():
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
@@ -88,7 +139,18 @@ class MonitorDaemon(MemberDaemon):
             )
 
     def _once(self):
-        status = self.member.status.wait(lambda status: status.version > 0, timeout=self.options.wait)
+        expected = self.options.expect
+        status = self.member.status.wait(
+            lambda status: status.version > 0 and not unmet_expectations(status, expected), timeout=self.options.wait
+        )
+        if status is None and self.member.status.status.version > 0:
+            status = self.member.status.status
+            problems = unmet_expectations(status, expected)
+            print(f"network status v{status.version} after {self.options.wait:g}s lacks:")
+            print("\n".join(f"  {problem}" for problem in problems))
+            sys.stdout.flush()
+            self.finish(EX_UNMET)
+            return
         if status is None:
             print(f"thor-monitor: no network status within {self.options.wait:g}s", file=sys.stderr)
             self.finish(EX_NO_STATUS)

@@ -35,6 +35,7 @@ from thor.transport.tls import format_address
 
 ROLE = "provisioning_server"
 NODE_ROLE = "sip_proxy"
+DATABASE_ROLE = "thor_database"
 MAX_CLIENTS = 1000
 # Nodes' loads read at once (each holds a database connection and a snapshot); more wait. Never
 # all of [NGNPro] pool_size: SOAP calls keep at least one connection.
@@ -100,11 +101,13 @@ class NGNProDaemon(MemberDaemon):
 
     def _database_dsn(self):
         """The provisioning database announced by thor-database (the lowest priority wins), or None."""
-        databases = self.member.status.status.role_members("thor_database")
+        status = self.member.status.status
+        databases = [
+            (status.attributes(member["name"], DATABASE_ROLE), member) for member in status.role_members(DATABASE_ROLE)
+        ]
         if not databases:
             return None
-        chosen = min(databases, key=lambda entity: (entity["attributes"].get("priority", 0), entity["name"]))
-        attributes = chosen["attributes"]
+        attributes, chosen = min(databases, key=lambda pair: (pair[0].get("priority", 0), pair[1]["name"]))
         settings = self.config[NGNProConfig]
         return psycopg2.extensions.make_dsn(
             host=attributes.get("host") or chosen["address"],
@@ -116,10 +119,9 @@ class NGNProDaemon(MemberDaemon):
 
     def active(self):
         """The longest-running live NGNPro answers the nodes' requests (the others stand by)."""
-        servers = self.member.status.status.role_members(ROLE)
-        if not servers:
-            return False
-        return min(servers, key=lambda entity: (entity["since"], entity["name"]))["name"] == self.identity.name
+        status = self.member.status.status
+        servers = [(status.service(name, ROLE)["since"], name) for name in status.roles.get(ROLE, ())]
+        return bool(servers) and min(servers)[1] == self.identity.name
 
     def _usage(self, message):
         report = usage_report(message.body)

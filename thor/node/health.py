@@ -17,7 +17,7 @@ import gevent
 from thor.datatypes import Datatype, Endpoint
 from thor.roles import RoleError, check_role_name
 
-__all__ = ["DEFAULT_CHECKS", "Check", "CheckList", "RoleHealth", "parse_check", "watch"]
+__all__ = ["DEFAULT_CHECKS", "Check", "CheckList", "RoleHealth", "parse_check", "watch", "withdrawn_roles"]
 
 # What the built-in roles' software listens on by default.
 DEFAULT_CHECKS = {
@@ -129,6 +129,11 @@ class RoleHealth:
         self.up = False
         self._streak = 0
 
+    @property
+    def reason(self):
+        """Why the role is withdrawn, for the operator (published with the presence)."""
+        return f"health check {self.check} does not answer"
+
     def record(self, ok):
         """Take one check result; returns True when the role changed state."""
         if ok == self.up:
@@ -147,3 +152,8 @@ def watch(health, interval, timeout, on_change):
         gevent.sleep(interval)
         if health.record(health.check.probe(timeout)):
             on_change(health)
+
+
+def withdrawn_roles(healths):
+    """{role: why} of the roles whose service fails its check."""
+    return {health.role: health.reason for health in healths if not health.up}

@@ -21,7 +21,7 @@ from thor.membership.program import MemberDaemon
 from thor.node.accounts import ROLE as ACCOUNTS_ROLE
 from thor.node.accounts import AccountCache, accounts_application
 from thor.node.config import NodeConfig
-from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch
+from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch, withdrawn_roles
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
@@ -64,6 +64,9 @@ class NodeDaemon(MemberDaemon):
 
     def _up_roles(self):
         return [role for role, health in self.health.items() if health.up]
+
+    def withdrawn(self):
+        return withdrawn_roles(self.health.values())
 
     def setup(self):
         lookup = self.config[LookupConfig]
@@ -148,7 +151,7 @@ class NodeDaemon(MemberDaemon):
             self.log.info("role %s: %s answers again; announcing the role", health.role, health.check)
         else:
             self.log.warning("role %s: %s does not answer; withdrawing the role", health.role, health.check)
-        self.member.set_roles(self._up_roles())
+        self.member.set_roles(self._up_roles(), self.withdrawn())
 
 
 def _default_check(role):

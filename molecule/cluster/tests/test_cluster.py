@@ -33,11 +33,16 @@ PROGRAMS = {
     "thor1": {"thor-eventserver", "thor-manager"},
     "thor2": {"thor-eventserver", "thor-manager", "ngnpro"},
     "thor3": {"thor-eventserver", "thor-manager"},
-    "ns1": {"pdns", "thor-dns", "thor-database"},
+    "ns1": {"pdns", "thor-dns", "thor-database", "ngnpro"},
+    "ns2": {"pdns", "thor-dns"},
     "node1": {"thor-node"},
     "node2": {"thor-node"},
     "node3": {"thor-node"},
 }
+
+
+# How molecule/cluster/prepare.yml starts the SIP proxy beside each node.
+KAMAILIO_START = "kamailio -f /etc/kamailio/kamailio-thor.cfg -P /run/kamailio.pid"
 
 
 def host(name):
@@ -59,14 +64,14 @@ def status_where(predicate, timeout, message, on="thor1"):
     return wait_for(matching, timeout, interval=0.5, message=message)
 
 
-def dns_answer(name, rdtype):
-    """What PowerDNS on ns1 answers, as text records ([] for none)."""
+def dns_answer(name, rdtype, server="ns1"):
+    """What PowerDNS on a name server answers, as text records ([] for none)."""
     script = (
         "import dns.message, dns.query; "
         f"r = dns.query.udp(dns.message.make_query({name!r}, {rdtype!r}), '127.0.0.1', timeout=2); "
         "[print(x.to_text()) for rrset in r.answer for x in rrset]"
     )
-    result = host("ns1").run(f"python3 -c {shlex.quote(script)}")
+    result = host(server).run(f"python3 -c {shlex.quote(script)}")
     assert result.rc == 0, result.stderr
     return result.stdout.split("\n")[:-1] if result.stdout.strip() else []
 
@@ -83,15 +88,27 @@ def test_supervisor_programs_running(name):
 
 
 def test_network_status_lists_every_host_with_its_roles():
-    current = status_where(lambda s: len(s["members"]) == 7, 60, "7 members")
+    current = status_where(lambda s: len(s["members"]) == 8, 60, "8 members")
     roles = current["roles"]
     assert roles["thor_eventserver"] == ["thor1", "thor2", "thor3"]
     assert roles["thor_manager"] == ["thor1", "thor2", "thor3"]
     assert roles["sip_proxy"] == ["node1", "node2", "node3"]  # Kamailio answers their SIP checks
-    assert roles["thor_dnsmanager"] == ["ns1"]
+    assert roles["thor_dnsmanager"] == ["ns1", "ns2"]
     assert roles["thor_database"] == ["ns1"]
-    assert current["members"]["ns1"]["attributes"]["port"] == 5432
+    assert roles["provisioning_server"] == ["ns1", "thor2"]
     assert current["members"]["node1"]["address"] == ADDRESSES["node1"]
+    # Programs sharing a host keep their own attributes.
+    ns1, thor2 = current["members"]["ns1"]["services"], current["members"]["thor2"]["services"]
+    assert ns1["thor_database"]["attributes"]["port"] == 5432
+    assert ns1["provisioning_server"]["attributes"]["port"] == 9200
+    assert thor2["thor_eventserver"]["attributes"]["port"] == 8000
+    assert thor2["provisioning_server"]["attributes"]["port"] == 9200
+
+
+def test_thor_monitor_is_installed_for_the_operators():
+    result = host("thor1").run("thor-monitor --once --wait 10")
+    assert result.rc == 0, result.stderr
+    assert any(line.startswith("sip_proxy") and "node1" in line for line in result.stdout.splitlines())
 
 
 def test_powerdns_answers_srv_and_a_for_live_sip_proxies():
@@ -99,7 +116,56 @@ def test_powerdns_answers_srv_and_a_for_live_sip_proxies():
     assert dns_answer(f"node1.{DOMAIN}.", "A") == [ADDRESSES["node1"]]
     naptr = dns_answer(f"{DOMAIN}.", "NAPTR")
     assert any('"SIP+D2U"' in line for line in naptr)
-    assert len(dns_answer(f"_eventserver._tcp.{DOMAIN}.", "SRV")) == 3
+    assert sorted(dns_answer(f"{DOMAIN}.", "NS")) == [f"ns1.{DOMAIN}.", f"ns2.{DOMAIN}."]
+    # Operators on a name server ask with dig (docs/ansible.md).
+    dig = host("ns2").run(f"dig +short @127.0.0.1 node2.{DOMAIN} A")
+    assert dig.rc == 0 and dig.stdout.split() == [ADDRESSES["node2"]], dig.stderr
+
+
+@pytest.mark.parametrize("server", ["ns1", "ns2"])
+def test_each_name_server_publishes_every_services_own_port(server):
+    """thor2 runs an event server and NGNPro, ns1 the database publisher and NGNPro: each SRV names its port."""
+
+    def ports(service):
+        return {line.split()[3].split(".")[0]: int(line.split()[2]) for line in dns_answer(service, "SRV", server)}
+
+    wait_for(lambda: len(ports(f"_ngnpro._tcp.{DOMAIN}.")) == 2, 30, message=f"_ngnpro._tcp on {server}")
+    # Answers are random slices of at most 3 (thor-dns answer_limit): ask until every target was seen.
+    seen = {}
+    for _ in range(20):
+        seen.update(ports(f"_eventserver._tcp.{DOMAIN}."))
+    assert seen == {"thor1": 8000, "thor2": 8000, "thor3": 8000}
+    assert ports(f"_ngnpro._tcp.{DOMAIN}.") == {"ns1": 9200, "thor2": 9200}
+
+
+def run_playbook(name, *extra):
+    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    return subprocess.run(
+        ["ansible-playbook", "-i", inventory, os.path.join(project, "playbooks", name), *extra],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
+        timeout=600,
+        check=False,
+    )
+
+
+def test_the_rollout_verification_names_a_withdrawn_role_and_its_check():
+    node3 = host("node3")
+    assert node3.run("pkill -x kamailio").rc == 0
+    try:
+        status_where(lambda s: "node3" not in s["roles"].get("sip_proxy", []), 30, "node3 withdrew sip_proxy")
+        result = run_playbook("verify.yml", "-e", "thor_verify_timeout=2")
+        assert result.returncode != 0
+        # Ansible prints a failed task's message on stderr.
+        report = result.stdout + result.stderr
+        assert "node3: sip_proxy withdrawn: health check sip:127.0.0.1:5060 does not answer" in report
+    finally:
+        node3.run(KAMAILIO_START)
+    status_where(lambda s: "node3" in s["roles"].get("sip_proxy", []), 30, "node3 a sip_proxy again")
+    result = run_playbook("verify.yml")
+    assert result.returncode == 0, result.stdout[-3000:]
 
 
 def test_stopped_node_leaves_dns_and_comes_back():
@@ -260,23 +326,7 @@ def _provisioned(sip, login):
 
 
 def test_certificate_revoked_through_the_playbook_is_refused():
-    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
-    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
-    result = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            inventory,
-            os.path.join(project, "playbooks", "revoke.yml"),
-            "-e",
-            json.dumps({"thor_pki_revoke": ["node2"]}),
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
-        timeout=600,
-        check=False,
-    )
+    result = run_playbook("revoke.yml", "-e", json.dumps({"thor_pki_revoke": ["node2"]}))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     status_where(lambda s: "node2" not in s["members"], 30, "node2 refused")
     wait_for(
