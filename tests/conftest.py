@@ -77,6 +77,16 @@ def python_command(module, *args):
     return [sys.executable, "-m", module, *args]
 
 
+def pytest_collection_finish(session):
+    """The programs' entry points (thor.*.main) patch gevent into the standard library when
+    imported; in the test process that would happen after ssl is in use (RecursionError in
+    the SOAP client, changed timing everywhere). Tests import library modules, never those."""
+    import gevent.monkey
+
+    if gevent.monkey.is_module_patched("socket"):
+        raise pytest.UsageError("a test module imported a program's entry point (thor.*.main), which patches gevent")
+
+
 def pytest_report_header(config):
     """Say which stack runs the suite: the dev venv's PyPI releases or bookworm's packages."""
     import cryptography

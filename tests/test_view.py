@@ -7,7 +7,7 @@ import pytest
 from thor.manager.view import NetworkView
 from thor.membership.entity import EntityError, make_entity
 from thor.membership.status import NetworkStatus, validate_member
-from thor.monitor.main import parse_expectation, unmet_expectations
+from thor.monitor.report import parse_expectation, unmet_expectations
 
 
 def entity(name, roles, since, **fields):

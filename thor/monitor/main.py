@@ -4,7 +4,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse
 import collections
 import curses
 import json
@@ -17,78 +16,9 @@ import gevent
 from thor.daemon import StartupError, run
 from thor.events.topics import CONNECTIONS
 from thor.membership.program import MemberDaemon
+from thor.monitor.report import EX_UNMET, parse_expectation, snapshot_lines, unmet_expectations
 
 EX_NO_STATUS = 1
-# --expect: the network status did not list every expected role in time.
-EX_UNMET = 4
-
-
-def format_age(seconds):
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def snapshot_lines(status, now=None):
-    """The network status as plain text lines (also the top of the live view)."""
-    now = now or time.time()
-    lines = [
-        f"network status v{status.version} by {status.manager}, published {format_age(now - status.published)} ago, "
-        f"{len(status.members)} members"
-    ]
-    lines.append("")
-    lines.append(f"{'ROLE':<20} MEMBERS")
-    for role in sorted(status.roles):
-        members = ", ".join(f"{name} ({status.members[name]['address']})" for name in status.roles[role])
-        lines.append(f"{role:<20} {members}")
-    lines.append("")
-    lines.append(f"{'NAME':<24} {'ADDRESS':<16} {'VERSION':<10} {'UP FOR':<8} ROLES")
-    for name in sorted(status.members):
-        entity = status.members[name]
-        lines.append(
-            f"{name:<24} {entity['address']:<16} {entity['version']:<10} "
-            f"{format_age(now - entity['since']):<8} {','.join(entity['roles']) or '-'}"
-        )
-    withdrawn = [
-        (name, role, reason)
-        for name in sorted(status.members)
-        for role, reason in sorted(status.members[name]["withdrawn"].items())
-    ]
-    if withdrawn:
-        lines.append("")
-        lines.append("WITHDRAWN (the service behind the role fails its health check)")
-        lines.extend(f"{name:<24} {role:<20} {reason}" for name, role, reason in withdrawn)
-    return lines
-
-
-def parse_expectation(text):
-    """NAME=ROLE[,ROLE...] -> (name, roles)."""
-    name, equals, roles = text.partition("=")
-    roles = tuple(sorted({role.strip() for role in roles.split(",") if role.strip()}))
-    if not equals or not name.strip() or not roles:
-        raise argparse.ArgumentTypeError(f"expected NAME=ROLE[,ROLE...], not {text!r}")
-    return name.strip(), roles
-
-
-def unmet_expectations(status, expected):
-    """One line per expected (name, role) the status does not list, saying what keeps it out."""
-    problems = []
-    for name, roles in expected:
-        member = status.members.get(name)
-        if member is None:
-            problems.append(f"{name}: not in the network status (none of its programs is connected)")
-            continue
-        for role in roles:
-            if role in member["roles"]:
-                continue
-            reason = member["withdrawn"].get(role)
-            if reason is not None:
-                problems.append(f"{name}: {role} withdrawn: {reason}")
-            else:
-                problems.append(f"{name}: {role} not announced (the program that announces it is not connected)")
-    return problems
 
 
 class MonitorDaemon(MemberDaemon):
