@@ -17,7 +17,8 @@ from thor.lookup.client import LookupClient, LookupClientError
 from thor.lookup.ring import HashRing
 from thor.lookup.server import LookupServer
 from thor.lookup.table import LookupTable, RingFollower
-from thor.membership.status import StatusCache
+from thor.membership.entity import make_entity
+from thor.membership.status import StatusCache, merge_presence
 
 PROGRAMS = os.path.join(REPO, "tests", "programs")
 
@@ -367,7 +368,7 @@ def status_body(version, addresses):
         "version": version,
         "manager": "manager1",
         "members": {
-            f"node{index}": {"name": f"node{index}", "address": address, "roles": ["sip_proxy"]}
+            f"node{index}": merge_presence([make_entity(f"node{index}", address, ["sip_proxy"], "0.1.0", 0)])
             for index, address in enumerate(addresses)
         },
     }
