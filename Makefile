@@ -6,7 +6,7 @@
 #   make lint   ruff check and format check
 #   make deb    the Debian packages (build/deb/*.deb), lintian-clean
 #   make deb-test  those packages installed in a clean bookworm container, suite run there
-#   make molecule  the Ansible rollout on a 6-container cluster, verified
+#   make molecule  the Ansible rollout on an 8-container cluster, verified
 #   make demo   a whole network on one machine, watched with thor-monitor
 #   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
@@ -21,7 +21,7 @@ VENV_STAMP := $(VENV)/.installed
 # PostgreSQL and PowerDNS that thor-dns is tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
-	python3-spyne python3-zeep python3-pytest python3-hypothesis \
+	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis \
 	kamailio kamailio-utils-modules postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
@@ -30,7 +30,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench bench-eventserver bench-membership bench-dns bench-lookup bench-ngnpro clean
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench clean
 
 test: deps venv lint test-latest test-bookworm deb-test molecule
 
@@ -68,30 +68,15 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: bench-eventserver bench-membership bench-dns bench-lookup bench-ngnpro
+BENCHES := eventserver membership dns lookup ngnpro
 
-# On both stacks: the dev venv's releases and bookworm's packages.
-bench-eventserver: venv deps
-	$(VENV)/bin/python bench/eventserver_bench.py
-	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/eventserver_bench.py
+bench: $(addprefix bench-,$(BENCHES))
 
-# A whole network on loopback: 3 event servers, 3 managers, thor-database,
-# 5 nodes and thor-monitor in the foreground; Ctrl-C stops everything.
-bench-membership: venv deps
-	$(VENV)/bin/python bench/membership_bench.py
-	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/membership_bench.py
-
-bench-ngnpro: venv deps
-	$(VENV)/bin/python bench/ngnpro_bench.py
-	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/ngnpro_bench.py
-
-bench-lookup: venv deps
-	$(VENV)/bin/python bench/lookup_bench.py
-	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/lookup_bench.py
-
-bench-dns: venv deps
-	$(VENV)/bin/python bench/dns_bench.py
-	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/dns_bench.py
+# Each benchmark on both stacks, the dev venv's releases then bookworm's packages
+# (bench/NAME_bench.py; results go to docs/benchmarks.md by hand).
+bench-%: venv deps
+	$(VENV)/bin/python bench/$*_bench.py
+	PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) bench/$*_bench.py
 
 # Debian packages for bookworm, built with Debian's own Python (not pyenv's).
 deb: deps

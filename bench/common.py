@@ -1,74 +1,14 @@
-"""Shared pieces of the benchmarks: a throw-away PKI, programs as processes, machine facts."""
+"""What the benchmarks share beyond the loopback harness (thor.loopback): machine facts and figures."""
 
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
+# Run as scripts (python bench/x.py): the checkout's thor, whichever interpreter runs them.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-from thor.pki import CertificateAuthority
-
-
-class BenchPKI:
-    def __init__(self, directory):
-        self.ca = CertificateAuthority.init(os.path.join(directory, "pki"))
-
-    def files(self, name, roles):
-        if not os.path.exists(self.ca.certificate_path(name)):
-            self.ca.issue(name, roles)
-        return {
-            "ca": self.ca.ca_certificate_path,
-            "certificate": self.ca.certificate_path(name),
-            "private_key": self.ca.key_path(name),
-            "crl": self.ca.crl_path,
-        }
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_config(path, sections):
-    with open(path, "w") as stream:
-        for section, values in sections.items():
-            stream.write(f"[{section}]\n")
-            for key, value in values.items():
-                stream.write(f"{key} = {value}\n")
-
-
-def start_eventserver(directory, pki, name="es1", **settings):
-    """Start thor-eventserver; returns (process, port, log path) once it listens."""
-    port = free_port()
-    config = os.path.join(directory, f"{name}.ini")
-    values = {"listen": f"127.0.0.1:{port}", "max_connections": 5000}
-    values.update(settings)
-    write_config(config, {"TLS": pki.files(name, "thor_eventserver"), "EventServer": values})
-    log_path = os.path.join(directory, f"{name}.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "thor.eventserver.main", "--config", config],
-            stderr=log,
-            env=dict(os.environ, PYTHONPATH=REPO),
-        )
-    deadline = time.monotonic() + 20
-    while f"listening on 127.0.0.1:{port}" not in read_text(log_path):
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise RuntimeError(f"{name} did not start:\n{read_text(log_path)}")
-        time.sleep(0.05)
-    return process, port, log_path
-
-
-def read_text(path):
-    with open(path, errors="replace") as stream:
-        return stream.read()
 
 
 def rss_kib(pid):

@@ -26,13 +26,13 @@ import dns.rcode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from common import machine, median, percentile, temporary_directory
-from conftest import ScratchPKI
-from overlay import Overlay, wait_status
-from pdns import SCHEMA, PostgreSQL, PowerDNS
-from processes import free_port
+
+from thor.loopback.network import Overlay, wait_status
+from thor.loopback.pki import ScratchPKI
+from thor.loopback.postgresql import SCHEMA, PostgreSQL, PowerDNS
+from thor.loopback.process import free_port
 
 DOMAIN = "sipthor.test"
 

@@ -26,9 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import contextlib
 
-from common import BenchPKI, machine, median, percentile, rss_kib, start_eventserver, temporary_directory
+from common import machine, median, percentile, rss_kib, temporary_directory
 
 from thor.events import protocol
+from thor.loopback.network import EventServerProcess
+from thor.loopback.pki import ScratchPKI
 from thor.transport.framing import FrameDecoder
 from thor.transport.tls import TLSContexts, connect
 
@@ -159,6 +161,13 @@ def many_members(endpoint, pki, server_pid, count=1000, concurrency=50):
     }
 
 
+def start_eventserver(directory, pki, name):
+    """An event server with the default timers, room for the members' connections."""
+    server = EventServerProcess(directory, pki, name, keepalive=1, idle_timeout=3, max_connections=5000)
+    server.wait_ready(20)
+    return server
+
+
 def main():
     import gevent.pool  # noqa: F401
 
@@ -173,20 +182,19 @@ def main():
 
     results = {"machine": machine(), "fanout": [], "members": []}
     with temporary_directory() as directory:
-        pki = BenchPKI(directory)
+        pki = ScratchPKI(os.path.join(directory, "pki"))
         for trial in range(options.trials):
-            process, port, _ = start_eventserver(directory, pki, f"es{trial}")
+            server = start_eventserver(directory, pki, f"es{trial}")
             try:
-                deliveries, messages = fanout(("127.0.0.1", port), pki, messages=options.messages)
+                deliveries, messages = fanout(server.endpoint, pki, messages=options.messages)
                 results["fanout"].append({"deliveries_per_s": deliveries, "messages_per_s": messages})
                 print(f"fan-out trial {trial + 1}: {deliveries:,.0f} deliveries/s ({messages:,.0f} messages/s)")
             finally:
-                process.terminate()
-                process.wait(10)
+                server.stop()
         for trial in range(max(1, options.trials // 2)):
-            process, port, _ = start_eventserver(directory, pki, f"em{trial}")
+            server = start_eventserver(directory, pki, f"em{trial}")
             try:
-                outcome = many_members(("127.0.0.1", port), pki, process.pid, count=options.members)
+                outcome = many_members(server.endpoint, pki, server.pid, count=options.members)
                 results["members"].append(outcome)
                 print(
                     f"members trial {trial + 1}: {outcome['members']} connected in {outcome['connect_all_s']:.2f}s, "
@@ -194,8 +202,7 @@ def main():
                     f"{outcome['rss_after_mib']:.1f} MiB"
                 )
             finally:
-                process.terminate()
-                process.wait(10)
+                server.stop()
     deliveries = [r["deliveries_per_s"] for r in results["fanout"]]
     members = results["members"]
     summary = {

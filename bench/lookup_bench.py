@@ -28,15 +28,14 @@ import gevent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from common import machine, median, percentile, temporary_directory
-from conftest import ScratchPKI
-from overlay import Overlay, wait_status
 
 from thor.lookup.client import LookupClient
 from thor.lookup.ring import DEFAULT_POINTS, HashRing
 from thor.lookup.table import LookupTable
+from thor.loopback.network import Overlay, wait_status
+from thor.loopback.pki import ScratchPKI
 
 ROLE = "sip_proxy"
 

@@ -19,77 +19,35 @@ monkey.patch_all()
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (
-    REPO,
-    BenchPKI,
-    machine,
-    median,
-    percentile,
-    read_text,
-    start_eventserver,
-    temporary_directory,
-    write_config,
-)
+from common import machine, median, percentile, temporary_directory
 
-from thor.events.client import EventClient
-from thor.membership.member import OverlayMember
-from thor.transport.tls import TLSContexts
+from thor.loopback.network import Overlay
+from thor.loopback.pki import ScratchPKI
 
 TIMEOUT = 30
 
 
-class Network:
+class Network(Overlay):
+    """3 event servers with the default timers, managers, nodes that join one by one."""
+
     def __init__(self, directory):
-        self.directory = directory
-        self.pki = BenchPKI(directory)
-        self.processes = {}
-        self.servers = []
+        super().__init__(directory, ScratchPKI(os.path.join(directory, "pki")), domain="bench.test")
+        self.retired_logs = []  # of killed managers, before their successor under the same name starts
 
     def start_servers(self):
-        for index in range(3):
-            process, port, _ = start_eventserver(self.directory, self.pki, f"es{index + 1}")
-            self.servers.append((process, port))
-
-    def start(self, name, module, roles, address, **sections):
-        if not os.path.exists(self.pki.ca.certificate_path(name)):
-            self.pki.ca.issue(name, roles, address=address)
-        config = os.path.join(self.directory, f"{name}.ini")
-        network = {"domain": "bench.test", "event_servers": ", ".join(f"127.0.0.1:{p}" for _, p in self.servers)}
-        write_config(config, {"ThorNetwork": network, "TLS": self.pki.files(name, roles), **sections})
-        log = open(os.path.join(self.directory, f"{name}.log"), "ab")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, "--config", config],
-            stderr=log,
-            stdout=log,
-            env=dict(os.environ, PYTHONPATH=REPO),
-        )
-        self.processes[name] = process
-        return process
+        # The event servers' defaults (keepalive 1 s, idle timeout 3 s), not the harness's quick ones.
+        self.start_eventservers(3, keepalive=1, idle_timeout=3)
 
     def node(self, name):
-        return self.start(name, "thor.node.main", "sip_proxy", "127.0.0.50", Node={"checks": "sip_proxy=none"})
+        return super().node(name, "sip_proxy", "127.0.0.50")
 
     def manager(self, name, address):
-        return self.start(name, "thor.manager.main", "thor_manager", address)
-
-    def observer(self):
-        contexts = TLSContexts(**self.pki.files("observer", "thor_monitor"))
-        client = EventClient(contexts, servers=[("127.0.0.1", p) for _, p in self.servers], backoff=(0.1, 1))
-        member = OverlayMember(client, "observer", None, announce=False)
-        member.start()
-        return member
-
-    def close(self):
-        for process in [*self.processes.values(), *(p for p, _ in self.servers)]:
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
+        return super().manager(name, address)
 
 
 def wait_status(observer, predicate, timeout=TIMEOUT):
@@ -105,17 +63,16 @@ def node_trial(network, observer, kind, index):
     wait_status(observer, lambda s: name in s.members)
     start = time.perf_counter()
     if kind == "kill9":
-        process.send_signal(signal.SIGKILL)
+        process.signal(signal.SIGKILL)
     elif kind == "sigstop":
-        process.send_signal(signal.SIGSTOP)
+        process.signal(signal.SIGSTOP)
     else:
-        process.send_signal(signal.SIGTERM)
+        process.signal(signal.SIGTERM)
     wait_status(observer, lambda s: name not in s.members)
     elapsed = time.perf_counter() - start
     if kind == "sigstop":
-        process.send_signal(signal.SIGCONT)
-    process.kill()
-    process.wait(10)
+        process.signal(signal.SIGCONT)
+    process.close()
     return elapsed
 
 
@@ -123,8 +80,8 @@ def failover_trial(network, observer):
     status = wait_status(observer, lambda s: s.manager is not None and len(s.roles.get("thor_manager", ())) == 3)
     active = status.manager
     start = time.perf_counter()
-    network.processes[active].send_signal(signal.SIGKILL)
-    network.processes[active].wait(10)
+    network.programs[active].kill()
+    network.retired_logs.append(network.programs[active].log())
     wait_status(observer, lambda s: s.manager not in (None, active))
     elapsed = time.perf_counter() - start
     # The killed manager comes back, as the youngest: it must not take over.
@@ -151,7 +108,7 @@ def main():
                 print(f"{kind}: {summary(results[kind])}", flush=True)
             results["failover"] = [failover_trial(network, observer) for _ in range(options.trials)]
             print(f"failover: {summary(results['failover'])}", flush=True)
-            managers_log = "".join(read_text(os.path.join(directory, f"manager{i}.log")) for i in (1, 2, 3))
+            managers_log = "".join([*network.retired_logs, *(network.programs[f"manager{i}"].log() for i in (1, 2, 3))])
             print(
                 f"'now the active manager' lines in the managers' logs: {managers_log.count('now the active manager')}"
             )

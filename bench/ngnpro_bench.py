@@ -25,14 +25,14 @@ import psycopg2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from common import machine, median, percentile, temporary_directory
-from conftest import ScratchPKI, wait_for
-from pdns import PostgreSQL
-from test_ngnpro import DOMAIN, NODE_ADDRESSES, CacheReader, Network, account, cached, ha1, node_at, owner
 
 from thor.lookup.table import LookupTable
+from thor.loopback.ngnpro import DOMAIN, NODE_ADDRESSES, CacheReader, Network, account, cached, ha1, node_at, owner
+from thor.loopback.pki import ScratchPKI
+from thor.loopback.postgresql import PostgreSQL
+from thor.loopback.process import wait_for
 
 
 def run_threads(clients, operation, count):

@@ -1,66 +1,11 @@
+"""Fixtures of the suite; the harness itself is thor.loopback (tests, benchmarks and the demo share it)."""
+
 import os
 import sys
-import time
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from thor.pki import CertificateAuthority
-from thor.transport.tls import TLSContexts
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_for(condition, timeout=5.0, interval=0.02, message="condition"):
-    """Poll condition() until it returns a true value or timeout passes; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        _sleep(interval)
-
-
-def _sleep(seconds):
-    # Cooperative when gevent is running the test, plain sleep otherwise.
-    import gevent
-
-    gevent.sleep(seconds)
-
-
-class ScratchPKI:
-    """A throw-away provider CA for one test; keys are made at test time, never committed."""
-
-    def __init__(self, directory):
-        self.directory = str(directory)
-        self.ca = CertificateAuthority.init(self.directory)
-
-    def issue(self, name, roles="sip_proxy", **kwargs):
-        self.ca.issue(name, roles, **kwargs)
-        return self.files(name)
-
-    def files(self, name):
-        return dict(
-            ca=self.ca.ca_certificate_path,
-            certificate=self.ca.certificate_path(name),
-            private_key=self.ca.key_path(name),
-            crl=self.ca.crl_path,
-        )
-
-    def contexts(self, name, roles="sip_proxy", **kwargs):
-        if not os.path.exists(self.ca.certificate_path(name)):
-            self.issue(name, roles, **kwargs)
-        return TLSContexts(**self.files(name))
-
-    def expired(self, name, roles="sip_proxy"):
-        now = datetime.now(UTC)
-        return self.issue(name, roles, not_before=now - timedelta(days=10), days=-1)
-
-    def not_yet_valid(self, name, roles="sip_proxy"):
-        now = datetime.now(UTC)
-        return self.issue(name, roles, not_before=now + timedelta(days=1), days=10)
+from thor.loopback.pki import ScratchPKI
 
 
 @pytest.fixture
@@ -71,10 +16,6 @@ def pki(tmp_path):
 @pytest.fixture
 def other_pki(tmp_path):
     return ScratchPKI(tmp_path / "other-pki")
-
-
-def python_command(module, *args):
-    return [sys.executable, "-m", module, *args]
 
 
 def pytest_collection_finish(session):

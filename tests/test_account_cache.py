@@ -6,13 +6,13 @@ PostgreSQL -> the owner node) are in test_ngnpro.py.
 
 import gevent
 import pytest
-from conftest import wait_for
 
+from thor.accounts import cache as accounts
+from thor.accounts.cache import AccountCache
+from thor.accounts.protocol import ACCOUNTS_WANTED, PROVISIONING, accounts_topic
 from thor.events.client import Message
-from thor.events.topics import ACCOUNTS_WANTED, PROVISIONING, accounts_topic
 from thor.lookup.table import LookupTable
-from thor.node import accounts
-from thor.node.accounts import AccountCache
+from thor.loopback.process import wait_for
 
 ADDRESS = "10.0.0.1"
 KEY = "alice@example.com"

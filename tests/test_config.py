@@ -3,15 +3,17 @@ import os
 import re
 
 import pytest
-from conftest import REPO
 
 from thor.config import ConfigError, Section, ThorNetworkConfig, TLSConfig, load_config
 from thor.datatypes import Boolean, DomainName, Endpoint, EndpointList, Float, Integer, NameList, Port
 
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # In the source tree, or as thor-common installs it (debian/tests).
 SAMPLE = next(
     path
-    for path in (os.path.join(REPO, "etc", "config.ini.sample"), "/etc/thor/config.ini.sample")
+    for path in (os.path.join(ROOT, "etc", "config.ini.sample"), "/etc/thor/config.ini.sample")
     if os.path.exists(path)
 )
 

@@ -5,22 +5,24 @@ import signal
 import subprocess
 import sys
 
-import processes
 import pytest
-from conftest import REPO, wait_for
 from test_tls import ask, refused
 
 from thor.daemon import EX_CONFIG
+from thor.loopback.process import Program, free_port, wait_for
 from thor.transport.tls import connect
 
-ECHO = os.path.join(REPO, "tests", "programs", "tls_echo.py")
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ECHO = os.path.join(ROOT, "tests", "programs", "tls_echo.py")
 
 
-class Program(processes.Program):
+class Program(Program):
     """The echo daemon; it listens on a free port given with --listen."""
 
     def __init__(self, tmp_path, text, *args):
-        self.port = processes.free_port()
+        self.port = free_port()
         super().__init__(str(tmp_path), "echo", [ECHO, "--listen", f"127.0.0.1:{self.port}", *args], text)
 
     @property
@@ -121,7 +123,7 @@ def test_missing_config_file_named_on_the_command_line(tmp_path):
         [sys.executable, ECHO, "--config", str(tmp_path / "missing.ini"), "--listen", "127.0.0.1:1"],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=REPO),
+        env=dict(os.environ, PYTHONPATH=ROOT),
         timeout=30,
     )
     assert result.returncode == EX_CONFIG

@@ -6,11 +6,11 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import wait_for
-from eventbus import start_eventservers
 from gevent.server import DatagramServer
 
 from thor.events.client import EventClient, discover_event_servers
+from thor.loopback.network import start_eventservers
+from thor.loopback.process import wait_for
 
 
 class FakeZone(DatagramServer):

@@ -10,15 +10,13 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import dns.resolver
-import processes
 import psycopg2
 import pytest
-from conftest import wait_for
-from eventbus import EventServerProcess
-from overlay import Overlay, wait_status
-from pdns import SCHEMA, PostgreSQL, PowerDNS
 
 from thor.dns.records import ZoneSettings, zone_records
+from thor.loopback.network import EventServerProcess, Overlay, wait_status
+from thor.loopback.postgresql import SCHEMA, PostgreSQL, PowerDNS
+from thor.loopback.process import free_port, wait_for
 from thor.membership.entity import make_entity
 from thor.membership.status import NetworkStatus, merge_presence
 
@@ -152,7 +150,7 @@ def check_network_in_dns(overlay, observer, server):
 
 def test_embedded_backend(overlay):
     observer = start_network(overlay)
-    port = processes.free_port()
+    port = free_port()
     dns_program = start_thor_dns(overlay, backend="embedded", listen=f"127.0.0.1:{port}")
     server = ("127.0.0.1", port)
     dns_program.wait_log("zone sipthor.test serial")
@@ -180,12 +178,12 @@ def test_srv_records_name_each_programs_own_port_on_a_shared_host(overlay, pki):
     overlay.eventservers.append(server)
     server.wait_ready()
     overlay.start("thor1-manager", "thor.manager.main", None, address, certificate="thor1")
-    ngnpro_port = processes.free_port(address)
+    ngnpro_port = free_port(address)
     ngnpro = {"listen": f"{address}:{ngnpro_port}", "password": "a-long-enough-password"}
     overlay.start("thor1-ngnpro", "thor.ngnpro.main", None, address, certificate="thor1", NGNPro=ngnpro)
     observer = overlay.observer()
     wait_status(observer, lambda s: "thor1" in s.roles.get("provisioning_server", ()), message="ngnpro announced")
-    dns_port = processes.free_port()
+    dns_port = free_port()
     start_thor_dns(overlay, backend="embedded", listen=f"127.0.0.1:{dns_port}").wait_log("zone sipthor.test serial")
     dns_server = ("127.0.0.1", dns_port)
 
@@ -200,7 +198,7 @@ def test_srv_records_name_each_programs_own_port_on_a_shared_host(overlay, pki):
 
 def test_embedded_server_survives_malformed_and_truncated_packets(overlay):
     start_network(overlay)
-    port = processes.free_port()
+    port = free_port()
     dns_program = start_thor_dns(overlay, backend="embedded", listen=f"127.0.0.1:{port}")
     server = ("127.0.0.1", port)
     dns_program.wait_log("zone sipthor.test serial")

@@ -5,23 +5,26 @@ import os
 import struct
 import time
 
-import processes
 import pytest
-from conftest import REPO, wait_for
-from eventbus import Recorder, client, start_eventservers
 from gevent import socket
 
+from thor.accounts.protocol import PROVISIONING, accounts_topic
 from thor.events import protocol
-from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE, PROVISIONING, accounts_topic
+from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE
+from thor.loopback.network import Recorder, event_client, start_eventservers
+from thor.loopback.process import Program, free_port, tls_values, wait_for
 from thor.transport.tls import TLSContexts, TLSError, connect
+
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APP = "App.Test"
 
 
 def settle(*clients):
     """Each client's frames handled by every server it is connected to (ping/pong), in order."""
-    for event_client in clients:
-        assert event_client.sync(timeout=5)
+    for member in clients:
+        assert member.sync(timeout=5)
 
 
 @pytest.fixture
@@ -35,8 +38,8 @@ def cluster(tmp_path, pki):
 
     clients = []
     yield start, clients
-    for event_client in clients:
-        event_client.stop(flush_timeout=0)
+    for member in clients:
+        member.stop(flush_timeout=0)
     for server in started:
         server.close()
 
@@ -44,9 +47,9 @@ def cluster(tmp_path, pki):
 def test_publish_subscribe_across_three_servers(pki, cluster):
     start, clients = cluster
     servers = start(3)
-    publisher = client(pki, "node1", "sip_proxy", servers)
-    subscriber = client(pki, "node2", "sip_proxy", servers)
-    only_second = client(pki, "node3", "sip_proxy", servers[1:2])
+    publisher = event_client(pki, "node1", "sip_proxy", servers)
+    subscriber = event_client(pki, "node2", "sip_proxy", servers)
+    only_second = event_client(pki, "node3", "sip_proxy", servers[1:2])
     clients.extend([publisher, subscriber, only_second])
     everywhere, one_server = Recorder(), Recorder()
     subscriber.subscribe(APP, everywhere)
@@ -67,8 +70,8 @@ def test_publish_subscribe_across_three_servers(pki, cluster):
 def test_kill_one_server_members_stay_connected_nothing_twice(pki, cluster):
     start, clients = cluster
     servers = start(3)
-    publisher = client(pki, "node1", "sip_proxy", servers)
-    subscriber = client(pki, "node2", "sip_proxy", servers)
+    publisher = event_client(pki, "node1", "sip_proxy", servers)
+    subscriber = event_client(pki, "node2", "sip_proxy", servers)
     clients.extend([publisher, subscriber])
     received = Recorder()
     subscriber.subscribe(APP, received)
@@ -90,20 +93,20 @@ def test_kill_one_server_members_stay_connected_nothing_twice(pki, cluster):
 def test_departure_announced_within_a_second_of_kill_9(tmp_path, pki, cluster):
     start, clients = cluster
     servers = start(3)
-    observer = client(pki, "monitor1", "thor_monitor", servers)
+    observer = event_client(pki, "monitor1", "thor_monitor", servers)
     clients.append(observer)
     events = Recorder()
     observer.subscribe(CONNECTIONS, events)
-    member = processes.Program(
+    member = Program(
         str(tmp_path),
         "member",
-        [os.path.join(REPO, "tests", "programs", "member.py"), "--roles", "sip_proxy"],
+        [os.path.join(ROOT, "tests", "programs", "member.py"), "--roles", "sip_proxy"],
         {
             "ThorNetwork": {
                 "domain": "sipthor.test",
                 "event_servers": ", ".join(f"127.0.0.1:{server.port}" for server in servers),
             },
-            "TLS": processes.tls_values(pki.issue("member1", "sip_proxy")),
+            "TLS": tls_values(pki.issue("member1", "sip_proxy")),
         },
     )
     try:
@@ -128,13 +131,13 @@ def test_departure_announced_within_a_second_of_kill_9(tmp_path, pki, cluster):
 def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
     start, clients = cluster
     servers = start(1)
-    member = client(pki, "node1", "sip_proxy,media_relay", servers)
+    member = event_client(pki, "node1", "sip_proxy,media_relay", servers)
     clients.append(member)
     member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy"], "version": 1}, retain=True)
     member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy", "media_relay"], "version": 2}, retain=True)
     settle(member)
 
-    late = client(pki, "manager1", "thor_manager", servers)
+    late = event_client(pki, "manager1", "thor_manager", servers)
     clients.append(late)
     presence, connections = Recorder(), Recorder()
     late.subscribe(PRESENCE, presence)
@@ -155,7 +158,7 @@ def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
         lambda: any(b["event"] == "disconnected" and b["member"]["name"] == "node1" for b in connections.bodies()),
         message="node1 gone",
     )
-    third = client(pki, "monitor1", "thor_monitor", servers)
+    third = event_client(pki, "monitor1", "thor_monitor", servers)
     clients.append(third)
     late_presence = Recorder()
     third.subscribe(PRESENCE, late_presence)
@@ -167,8 +170,8 @@ def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
 def test_forbidden_publish_is_refused_and_other_traffic_continues(pki, cluster):
     start, clients = cluster
     servers = start(3)
-    member = client(pki, "node1", "sip_proxy", servers)
-    watcher = client(pki, "monitor1", "thor_monitor", servers)
+    member = event_client(pki, "node1", "sip_proxy", servers)
+    watcher = event_client(pki, "monitor1", "thor_monitor", servers)
     clients.extend([member, watcher])
     errors = []
     member.on_error(lambda link, frame: errors.append((link.server_name, frame)))
@@ -203,10 +206,10 @@ def test_digest_hashes_are_delivered_only_to_the_members_that_serve_them(pki, cl
     """Thor.Provisioning only to sip_proxy certificates, Thor.Accounts.NAME only to NAME."""
     start, clients = cluster
     servers = start(2)
-    ngnpro = client(pki, "ngnpro1", "provisioning_server", servers)
-    node = client(pki, "node1", "sip_proxy", servers)
-    relay = client(pki, "relay1", "media_relay", servers)
-    other_node = client(pki, "node2", "sip_proxy", servers)
+    ngnpro = event_client(pki, "ngnpro1", "provisioning_server", servers)
+    node = event_client(pki, "node1", "sip_proxy", servers)
+    relay = event_client(pki, "relay1", "media_relay", servers)
+    other_node = event_client(pki, "node2", "sip_proxy", servers)
     clients.extend([ngnpro, node, relay, other_node])
     errors = []
     relay.on_error(lambda link, frame: errors.append(frame))
@@ -333,7 +336,7 @@ def framed(payload):
 def test_bad_frames_get_an_error_and_only_that_peer_is_disconnected(pki, cluster, before_hello, data, code):
     start, clients = cluster
     (server,) = start(1)
-    bystander = client(pki, "node2", "sip_proxy", [server])
+    bystander = event_client(pki, "node2", "sip_proxy", [server])
     clients.append(bystander)
     received = Recorder()
     bystander.subscribe(APP, received)
@@ -361,7 +364,7 @@ def test_garbage_before_the_tls_handshake(pki, cluster):
         sock.sendall(garbage)
         assert closed(sock)
         sock.close()
-    member = client(pki, "node1", "sip_proxy", [server])
+    member = event_client(pki, "node1", "sip_proxy", [server])
     clients.append(member)
     assert member.connected_servers == ["es1"]
 
@@ -370,7 +373,7 @@ def test_silent_member_is_dropped_after_idle_timeout_and_announced(pki, cluster)
     """A member whose link is cut sends nothing, not even a reset: the keepalive timeout finds it."""
     start, clients = cluster
     (server,) = start(1, keepalive=0.3, idle_timeout=1)
-    observer = client(pki, "monitor1", "thor_monitor", [server])
+    observer = event_client(pki, "monitor1", "thor_monitor", [server])
     clients.append(observer)
     events = Recorder()
     observer.subscribe(CONNECTIONS, events)
@@ -395,8 +398,8 @@ def test_silent_member_is_dropped_after_idle_timeout_and_announced(pki, cluster)
 def test_slow_subscriber_is_disconnected_and_the_server_stays_bounded(pki, cluster):
     start, clients = cluster
     (server,) = start(1, send_queue_limit=262144)
-    publisher = client(pki, "node1", "sip_proxy", [server])
-    fast = client(pki, "node3", "sip_proxy", [server])
+    publisher = event_client(pki, "node1", "sip_proxy", [server])
+    fast = event_client(pki, "node3", "sip_proxy", [server])
     clients.extend([publisher, fast])
     fast_received = Recorder()
     fast.subscribe(APP, fast_received)
@@ -422,7 +425,7 @@ def test_slow_subscriber_is_disconnected_and_the_server_stays_bounded(pki, clust
 def test_subscription_and_retained_limits(pki, cluster):
     start, clients = cluster
     (server,) = start(1, max_subscriptions=3, max_retained=1)
-    member = client(pki, "node1", "sip_proxy", [server])
+    member = event_client(pki, "node1", "sip_proxy", [server])
     clients.append(member)
     errors = []
     member.on_error(lambda link, frame: errors.append(frame))
@@ -437,11 +440,11 @@ def test_subscription_and_retained_limits(pki, cluster):
 
 def test_event_server_needs_its_role(tmp_path, pki):
     files = pki.issue("node1", "sip_proxy")
-    program = processes.Program(
+    program = Program(
         str(tmp_path),
         "wrong",
         ["-m", "thor.eventserver.main"],
-        {"TLS": processes.tls_values(files), "EventServer": {"listen": f"127.0.0.1:{processes.free_port()}"}},
+        {"TLS": tls_values(files), "EventServer": {"listen": f"127.0.0.1:{free_port()}"}},
     )
     assert program.exited(20) == 78
     assert "does not grant thor_eventserver" in program.log()
@@ -450,7 +453,7 @@ def test_event_server_needs_its_role(tmp_path, pki):
 def test_clean_stop(pki, cluster):
     start, clients = cluster
     (server,) = start(1)
-    member = client(pki, "node1", "sip_proxy", [server])
+    member = event_client(pki, "node1", "sip_proxy", [server])
     clients.append(member)
     assert server.stop() == 0
     wait_for(lambda: member.connected_servers == [], message="member sees the server go")

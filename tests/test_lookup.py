@@ -4,11 +4,11 @@ import json
 import subprocess
 
 import pytest
-from conftest import python_command, wait_for
-from overlay import Overlay, wait_status
 
 from thor.lookup.client import LookupClient
 from thor.lookup.table import LookupTable
+from thor.loopback.network import Overlay, wait_status
+from thor.loopback.process import python_command, wait_for
 
 NODES = {"node1": "127.0.3.1", "node2": "127.0.3.2", "node3": "127.0.3.3"}
 KEYS = [f"subscriber{index}@example.com" for index in range(600)]

@@ -10,17 +10,20 @@ import time
 import gevent
 import gevent.event
 import pytest
-from conftest import REPO, wait_for
 from gevent import socket
 
 from thor.lookup.client import LookupClient, LookupClientError
 from thor.lookup.ring import HashRing
 from thor.lookup.server import LookupServer
 from thor.lookup.table import LookupTable, RingFollower
+from thor.loopback.process import wait_for
 from thor.membership.entity import make_entity
 from thor.membership.status import StatusCache, merge_presence
 
-PROGRAMS = os.path.join(REPO, "tests", "programs")
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROGRAMS = os.path.join(ROOT, "tests", "programs")
 
 NODES = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 TABLE = LookupTable(42, "manager1", {"sip_proxy": NODES, "xcap_server": ["10.0.0.9"]})

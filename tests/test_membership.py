@@ -10,12 +10,11 @@ import signal
 import socket
 import time
 
-import processes
 import pytest
-from conftest import wait_for
-from eventbus import EventServerProcess
-from kamailio import Kamailio
-from overlay import Overlay, members, wait_status
+
+from thor.loopback.kamailio import Kamailio
+from thor.loopback.network import EventServerProcess, Overlay, members, wait_status
+from thor.loopback.process import Program, free_port, tls_values, wait_for
 
 EVERYONE = {"manager1", "manager2", "node1", "node2"}
 
@@ -227,7 +226,7 @@ def test_node_says_which_of_its_ports_is_taken(overlay, pki):
             "sip_proxy",
             "127.0.0.11",
             Node={"accounts_listen": f"127.0.0.11:{port}"},
-            Lookup={"listen": f"127.0.0.11:{processes.free_port('127.0.0.11')}"},
+            Lookup={"listen": f"127.0.0.11:{free_port('127.0.0.11')}"},
         )
         assert node.exited(20) == 78
     assert f"[Node] accounts_listen = 127.0.0.11:{port}: Address already in use" in node.log()
@@ -266,8 +265,8 @@ def start_monitor(overlay, *arguments):
     """thor-monitor with arguments, under a certificate of its own."""
     if not os.path.exists(overlay.pki.ca.certificate_path("monitor1")):
         overlay.pki.ca.issue("monitor1", "thor_monitor")
-    sections = {"ThorNetwork": overlay.network(), "TLS": processes.tls_values(overlay.pki.files("monitor1"))}
-    return processes.Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", *arguments], sections)
+    sections = {"ThorNetwork": overlay.network(), "TLS": tls_values(overlay.pki.files("monitor1"))}
+    return Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", *arguments], sections)
 
 
 def test_monitor_once_prints_a_snapshot(overlay):
@@ -289,7 +288,7 @@ def test_monitor_live_view_needs_a_terminal(overlay):
 
 def test_sip_proxy_role_follows_kamailio(overlay, tmp_path):
     """The built-in SIP check against the real SIP proxy: OPTIONS answered -> announced; stopped -> withdrawn."""
-    kamailio = Kamailio(str(tmp_path), processes.free_port())
+    kamailio = Kamailio(str(tmp_path), free_port())
     kamailio.start()
     try:
         overlay.start_eventservers(1)

@@ -1,8 +1,6 @@
 """NGNPro with zeep as the SOAP client: a real PostgreSQL found through thor-database, real nodes."""
 
 import contextlib
-import hashlib
-import http.client
 import json
 import socket
 import threading
@@ -14,134 +12,31 @@ import requests
 import zeep
 import zeep.exceptions
 import zeep.transports
-from conftest import wait_for
-from eventbus import Recorder
-from eventbus import client as event_client
-from kamailio import Kamailio, register
-from overlay import Overlay, wait_status
-from pdns import PostgreSQL
-from processes import free_port
 
-from thor.events.topics import (
-    ACCOUNTS_WANTED,
-    ForbiddenError,
-    accounts_topic,
-    authorize_publish,
-    authorize_subscribe,
-)
+from thor.accounts.protocol import ACCOUNTS_WANTED, accounts_topic
+from thor.events.topics import ForbiddenError, authorize_publish, authorize_subscribe
+from thor.identity import Identity
 from thor.lookup.table import LookupTable
+from thor.loopback.kamailio import Kamailio, register
+from thor.loopback.network import Overlay, Recorder, event_client, wait_status
+from thor.loopback.ngnpro import (
+    DOMAIN,
+    NGNPRO_ADDRESS,
+    NODE_ADDRESSES,
+    PASSWORD,
+    CacheReader,
+    Network,
+    Soap,
+    account,
+    cached,
+    ha1,
+    node_at,
+    owner,
+    soap_client,
+)
+from thor.loopback.postgresql import PostgreSQL
+from thor.loopback.process import free_port, wait_for
 from thor.membership.member import OverlayMember
-from thor.transport.tls import PeerIdentity
-
-DOMAIN = "example.com"
-PASSWORD = "provisioning-secret"
-NGNPRO_ADDRESS = "127.0.4.1"
-NODE_ADDRESSES = {f"node{index}": f"127.0.4.{10 + index}" for index in range(1, 6)}
-
-
-class Network:
-    """PostgreSQL, 2 event servers, a manager, thor-database, ngnpro and sip_proxy nodes."""
-
-    def __init__(self, directory, pki, postgresql):
-        self.overlay = Overlay(directory, pki)
-        self.postgresql = postgresql
-        self.pki = pki
-        postgresql.create_database("thor")
-        self.overlay.start_eventservers(2)
-        self.overlay.manager("manager1")
-        self.overlay.start(
-            "database1",
-            "thor.database.main",
-            "thor_database",
-            "127.0.4.2",
-            Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
-        )
-        self.port = free_port(NGNPRO_ADDRESS)
-        self.ngnpro = self.start_ngnpro("ngnpro1", NGNPRO_ADDRESS, self.port)
-        self.observer = self.overlay.observer()
-        self.nodes = {}
-        self.status(lambda s: {"database1", "ngnpro1"} <= set(s.members), "the database and ngnpro announced")
-
-    def start_ngnpro(self, name, address, port):
-        return self.overlay.start(
-            name,
-            "thor.ngnpro.main",
-            "provisioning_server",
-            address,
-            NGNPro={"listen": f"{address}:{port}", "password": PASSWORD, "database_user": "postgres"},
-        )
-
-    def start_node(self, name):
-        self.nodes[name] = self.overlay.node(name, "sip_proxy", NODE_ADDRESSES[name], usage_interval=0.5)
-        return self.nodes[name]
-
-    def start_nodes(self, *names):
-        """Start nodes and wait until the status lists them as sip_proxy members."""
-        for name in names:
-            self.start_node(name)
-        wanted = {NODE_ADDRESSES[name] for name in names}
-        self.status(lambda s: wanted <= set(s.addresses("sip_proxy")), f"{', '.join(names)} in the status")
-
-    def stop_node(self, name):
-        self.nodes.pop(name).stop()
-
-    def client(self, address=NGNPRO_ADDRESS, port=None):
-        return soap_client(self.pki, address, port or self.port)
-
-    def status(self, predicate, message):
-        return wait_status(self.observer, predicate, timeout=20, message=message)
-
-    def close(self):
-        self.overlay.close()
-
-
-def soap_client(pki, address, port):
-    """A zeep client of the NGNPro at address:port, once it serves its WSDL and reaches its database."""
-    session = requests.Session()
-    session.verify = pki.ca.ca_certificate_path
-    session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
-    transport = zeep.transports.Transport(session=session, timeout=30, operation_timeout=30)
-    url = f"https://{address}:{port}/ngnpro/wsdl"
-    wait_for(lambda: _answers(session, url), timeout=20, message="ngnpro serving its WSDL")
-    soap = Soap(zeep.Client(url, transport=transport))
-    wait_for(lambda: _database_ready(soap), timeout=20, message="ngnpro reaching the database")
-    return soap
-
-
-def _answers(session, url):
-    try:
-        return session.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _database_ready(soap):
-    try:
-        soap.getDomains()
-    except zeep.exceptions.Fault as fault:
-        if fault.code and fault.code.endswith("DatabaseUnavailable"):
-            return False
-        raise
-    return True
-
-
-class Soap:
-    """Both ports of one zeep client, each call with the Login header."""
-
-    def __init__(self, client, username="admin", password=PASSWORD):
-        self.client = client
-        self.sip = client.bind("SipPort", "SipPort")
-        self.network = client.bind("NetworkPort", "NetworkPort")
-        login = client.get_element("{urn:AGProjects:NGNPro}Login")
-        self.header = login(username=username, password=password)
-
-    def __getattr__(self, operation):
-        port = self.network if operation in ("getStatus", "getStatistics") else self.sip
-
-        def call(*args, **kwargs):
-            return getattr(port, operation)(*args, **kwargs, _soapheaders=[self.header])
-
-        return call
 
 
 @pytest.fixture
@@ -162,48 +57,6 @@ def fault_code(call, *args):
     with pytest.raises(zeep.exceptions.Fault) as fault:
         call(*args)
     return fault.value.code.split(":")[-1] if fault.value.code else None
-
-
-def account(username, password="a-good-password", **fields):
-    return {"id": {"username": username, "domain": DOMAIN}, "password": password, **fields}
-
-
-def ha1(username, password, domain=DOMAIN):
-    return hashlib.md5(f"{username}:{domain}:{password}".encode()).hexdigest()
-
-
-class CacheReader:
-    """Reads a node's account cache over HTTP, on one keep-alive connection."""
-
-    def __init__(self, node, timeout=10):
-        self.connection = http.client.HTTPConnection(*node.accounts, timeout=timeout)
-
-    def get(self, path, method="GET"):
-        self.connection.request(method, path)
-        response = self.connection.getresponse()
-        return response.status, response.read().decode()
-
-    def close(self):
-        self.connection.close()
-
-
-def cached(node, key):
-    """What a node's account cache answers for key (None: it does not hold it)."""
-    reader = CacheReader(node)
-    try:
-        code, body = reader.get(f"/accounts/{key}")
-    finally:
-        reader.close()
-    assert code in (200, 404), (code, body)
-    return json.loads(body) if code == 200 else None
-
-
-def owner(network, key):
-    return LookupTable.from_status(network.observer.status.status).lookup("sip_proxy", key)
-
-
-def node_at(network, address):
-    return next(node for name, node in network.nodes.items() if NODE_ADDRESSES[name] == address)
 
 
 def test_the_wsdl_has_both_ports_and_calls_need_the_login(network):
@@ -663,7 +516,7 @@ def test_10000_accounts_while_nodes_join_and_leave(network):
     ],
 )
 def test_only_provisioning_servers_push_accounts_and_members_speak_for_themselves(roles, topic, body, allowed):
-    identity = PeerIdentity("node1", roles, 1, ("127.0.0.1", 1))
+    identity = Identity("node1", roles, 1, ("127.0.0.1", 1))
     if allowed:
         authorize_publish(identity, topic, body)
     else:
@@ -685,7 +538,7 @@ def test_only_provisioning_servers_push_accounts_and_members_speak_for_themselve
     ],
 )
 def test_digest_hashes_are_read_only_by_the_nodes_that_serve_them(name, roles, topic, allowed):
-    identity = PeerIdentity(name, roles, 1, ("127.0.0.1", 1))
+    identity = Identity(name, roles, 1, ("127.0.0.1", 1))
     if allowed:
         authorize_subscribe(identity, topic)
     else:

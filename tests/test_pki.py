@@ -5,14 +5,17 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import REPO, python_command
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from thor.cli.pki import main as pki_main
-from thor.pki import ROLE_URI_PREFIX, CertificateAuthority, PKIError
-from thor.transport.tls import load_certificate_identity
+from thor.identity import ROLE_URI_PREFIX, Identity
+from thor.loopback.process import python_command
+from thor.pki import CertificateAuthority, PKIError
 from thor.x509compat import crl_next_update, not_valid_after
+
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_certificate(path):
@@ -54,9 +57,10 @@ def test_round_trip_init_issue_list_revoke_renew(tmp_path):
     ca_certificate.public_key().verify(
         certificate.signature, certificate.tbs_certificate_bytes, ec.ECDSA(certificate.signature_hash_algorithm)
     )
-    identity = load_certificate_identity(ca.certificate_path("node1.example.com"))
+    identity = Identity.load(ca.certificate_path("node1.example.com"))
     assert identity.name == "node1.example.com"
     assert identity.roles == {"sip_proxy", "media_relay"}
+    assert identity.addresses == ("10.0.0.5",)
 
     ca.issue("node2.example.com", ["xcap_server"])
     assert [(r.name, r.status()) for r in ca.records()] == [
@@ -184,7 +188,7 @@ def test_cli_round_trip(tmp_path, capsys):
 def test_cli_reads_pki_section_and_reports_errors_in_one_line(tmp_path):
     config = tmp_path / "config.ini"
     config.write_text(f"[PKI]\ndirectory = {tmp_path / 'ca'}\nextra_roles = conference_server\ncrl_days = 3\n")
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = dict(os.environ, PYTHONPATH=ROOT)
 
     def run(*args):
         return subprocess.run(
@@ -213,7 +217,7 @@ def test_cli_reads_pki_section_and_reports_errors_in_one_line(tmp_path):
 def test_generated_material_is_ignored_by_git():
     ignored = subprocess.run(
         ["git", "check-ignore", "pki/ca.key", "pki/mynetwork/nodes/node1.key", "pki/README.md"],
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
     )

@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thor.lookup.ring import DEFAULT_POINTS, MAX_KEY_LENGTH, HashRing, InvalidKeyError, key_position, normalize_key
 from thor.lookup.table import LookupTable, NoMembersError
+
+# The checkout (its etc/ and tests/programs/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = [f"user{index}@example{index % 7}.com" for index in range(3000)]
 
@@ -121,7 +123,7 @@ def test_every_process_computes_the_same_owners():
             capture_output=True,
             text=True,
             check=True,
-            env=dict(os.environ, PYTHONPATH=REPO, PYTHONHASHSEED=seed),
+            env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=seed),
         )
         answers.append(json.loads(result.stdout))
     local = LookupTable(1, "m", {"sip_proxy": list(reversed(addresses))})  # order of members does not matter

@@ -6,9 +6,9 @@ import time
 
 import gevent
 import pytest
-from conftest import wait_for
 from gevent import socket, ssl
 
+from thor.loopback.process import wait_for
 from thor.transport.tls import TLSContexts, TLSError, TLSServer, connect
 
 

@@ -33,21 +33,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from thor.config import Section, Setting
 from thor.datatypes import Integer, NameList, Path
-from thor.roles import RoleError, check_role_name, parse_roles
+from thor.identity import role_uri
+from thor.roles import RoleError, parse_roles
 from thor.x509compat import crl_last_update, crl_next_update, not_valid_after
 
 __all__ = [
     "REVOCATION_REASONS",
-    "ROLE_URI_PREFIX",
     "CertificateAuthority",
     "CertificateRecord",
     "PKIConfig",
     "PKIError",
     "check_node_name",
-    "roles_from_uris",
 ]
-
-ROLE_URI_PREFIX = "urn:sipthor:role:"
 
 # Allowance for clocks of peers that run a little behind the CA's.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -95,18 +92,6 @@ def check_node_name(name):
             f"invalid node name {name!r}: expected a lowercase DNS name (letters, digits, '-', dots between labels)"
         )
     return name
-
-
-def roles_from_uris(uris):
-    """Roles carried by a certificate, from its subjectAltName URIs."""
-    roles = set()
-    for uri in uris:
-        if uri.startswith(ROLE_URI_PREFIX):
-            try:
-                roles.add(check_role_name(uri[len(ROLE_URI_PREFIX) :]))
-            except RoleError:
-                continue
-    return frozenset(roles)
 
 
 class CertificateRecord:
@@ -296,7 +281,7 @@ class CertificateAuthority:
             alt_names = [x509.DNSName(name)]
             if ip is not None:
                 alt_names.append(x509.IPAddress(ip))
-            alt_names.extend(x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role) for role in roles)
+            alt_names.extend(x509.UniformResourceIdentifier(role_uri(role)) for role in roles)
             certificate = (
                 x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))

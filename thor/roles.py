@@ -7,28 +7,41 @@ configuration; their names follow the same syntax.
 
 import re
 
-__all__ = ["BUILTIN_ROLES", "INFRASTRUCTURE_ROLES", "RoleError", "check_role_name", "parse_roles"]
+__all__ = [
+    "BUILTIN_ROLES",
+    "DATABASE",
+    "DNS_MANAGER",
+    "EVENT_SERVER",
+    "INFRASTRUCTURE_ROLES",
+    "MANAGER",
+    "MEDIA_RELAY",
+    "MONITOR",
+    "MSRP_RELAY",
+    "PROVISIONING_SERVER",
+    "SIP_PROXY",
+    "VOICEMAIL_SERVER",
+    "XCAP_SERVER",
+    "RoleError",
+    "check_role_name",
+    "parse_roles",
+]
 
-INFRASTRUCTURE_ROLES = frozenset(
-    {
-        "thor_eventserver",
-        "thor_manager",
-        "thor_monitor",
-        "thor_database",
-        "thor_dnsmanager",
-    }
-)
+# The Thor infrastructure, each announced by its own program.
+EVENT_SERVER = "thor_eventserver"
+MANAGER = "thor_manager"
+MONITOR = "thor_monitor"
+DATABASE = "thor_database"
+DNS_MANAGER = "thor_dnsmanager"
+# The services of the platform.
+SIP_PROXY = "sip_proxy"
+MEDIA_RELAY = "media_relay"
+XCAP_SERVER = "xcap_server"
+MSRP_RELAY = "msrprelay_server"
+VOICEMAIL_SERVER = "voicemail_server"
+PROVISIONING_SERVER = "provisioning_server"
 
-SERVICE_ROLES = frozenset(
-    {
-        "sip_proxy",
-        "media_relay",
-        "xcap_server",
-        "msrprelay_server",
-        "voicemail_server",
-        "provisioning_server",
-    }
-)
+INFRASTRUCTURE_ROLES = frozenset({EVENT_SERVER, MANAGER, MONITOR, DATABASE, DNS_MANAGER})
+SERVICE_ROLES = frozenset({SIP_PROXY, MEDIA_RELAY, XCAP_SERVER, MSRP_RELAY, VOICEMAIL_SERVER, PROVISIONING_SERVER})
 
 BUILTIN_ROLES = INFRASTRUCTURE_ROLES | SERVICE_ROLES
 

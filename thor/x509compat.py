@@ -6,7 +6,7 @@ datetimes; 42 and newer add the *_utc variants and deprecate the naive ones.
 
 from datetime import UTC
 
-__all__ = ["crl_last_update", "crl_next_update", "not_valid_after", "not_valid_before", "revocation_date"]
+__all__ = ["crl_last_update", "crl_next_update", "not_valid_after"]
 
 
 def _utc(obj, name):
@@ -16,10 +16,6 @@ def _utc(obj, name):
         if value is not None:
             value = value.replace(tzinfo=UTC)
     return value
-
-
-def not_valid_before(certificate):
-    return _utc(certificate, "not_valid_before")
 
 
 def not_valid_after(certificate):
@@ -32,7 +28,3 @@ def crl_last_update(crl):
 
 def crl_next_update(crl):
     return _utc(crl, "next_update")
-
-
-def revocation_date(revoked):
-    return _utc(revoked, "revocation_date")

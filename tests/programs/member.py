@@ -13,7 +13,7 @@ from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import Daemon, run
 from thor.events.client import EventClient
 from thor.events.topics import LEAVE, PRESENCE
-from thor.transport.tls import load_certificate_identity
+from thor.identity import Identity
 
 
 class Member(Daemon):
@@ -25,7 +25,7 @@ class Member(Daemon):
         parser.add_argument("--roles", default="")
 
     def start(self):
-        identity = load_certificate_identity(self.config[TLSConfig].certificate)
+        identity = Identity.load(self.config[TLSConfig].certificate)
         self.name = identity.name
         self.client = EventClient.from_config(self.config[ThorNetworkConfig], self.tls)
         self.client.on_connect(lambda link: self.log.info("connected to %s", link.server_name))

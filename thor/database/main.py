@@ -18,13 +18,14 @@ import sys
 
 import gevent
 
+from thor import roles
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import run
 from thor.database.config import DatabaseConfig
+from thor.health import Check, RoleHealth, watch, withdrawn_roles
 from thor.membership.program import MemberDaemon
-from thor.node.health import Check, RoleHealth, watch, withdrawn_roles
 
-ROLE = "thor_database"
+ROLE = roles.DATABASE
 
 
 class DatabaseDaemon(MemberDaemon):

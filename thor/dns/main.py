@@ -10,6 +10,7 @@ import time
 import gevent
 from gevent.event import Event
 
+from thor import roles
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, run
 from thor.dns.config import DNSConfig
@@ -18,7 +19,7 @@ from thor.dns.powerdns import PowerDNSZone
 from thor.dns.records import ZoneSettings, zone_records
 from thor.membership.program import MemberDaemon
 
-ROLE = "thor_dnsmanager"
+ROLE = roles.DNS_MANAGER
 
 
 class DNSDaemon(MemberDaemon):

@@ -7,6 +7,8 @@ the record set. Names are absolute, lowercase, with the trailing dot.
 
 import ipaddress
 
+from thor import roles
+
 __all__ = ["SERVICES", "RRSet", "ZoneSettings", "host_name", "zone_records"]
 
 SRV_PRIORITY = 10
@@ -35,16 +37,16 @@ class ZoneSettings:
 # whose program announces a "port" attribute with it (event servers, NGNPro) gets that
 # port in its SRV records instead of the default given here.
 SERVICES = {
-    "sip_proxy": ("sip", (("_sip._udp", 5060), ("_sip._tcp", 5060), ("_sips._tcp", 5061))),
-    "xcap_server": ("xcap", (("_xcap._tcp", 443),)),
-    "provisioning_server": ("ngnpro", (("_ngnpro._tcp", 9200),)),
-    "msrprelay_server": ("msrprelay", (("_msrps._tcp", 2855),)),
-    "thor_eventserver": ("eventserver", (("_eventserver._tcp", 8000),)),
-    "voicemail_server": ("voicemail", ()),
-    "media_relay": ("relay", ()),
+    roles.SIP_PROXY: ("sip", (("_sip._udp", 5060), ("_sip._tcp", 5060), ("_sips._tcp", 5061))),
+    roles.XCAP_SERVER: ("xcap", (("_xcap._tcp", 443),)),
+    roles.PROVISIONING_SERVER: ("ngnpro", (("_ngnpro._tcp", 9200),)),
+    roles.MSRP_RELAY: ("msrprelay", (("_msrps._tcp", 2855),)),
+    roles.EVENT_SERVER: ("eventserver", (("_eventserver._tcp", 8000),)),
+    roles.VOICEMAIL_SERVER: ("voicemail", ()),
+    roles.MEDIA_RELAY: ("relay", ()),
 }
 # The roles whose programs announce the port they serve on.
-PORT_ANNOUNCED = frozenset({"thor_eventserver", "provisioning_server"})
+PORT_ANNOUNCED = frozenset({roles.EVENT_SERVER, roles.PROVISIONING_SERVER})
 
 NAPTR = (
     (10, "SIPS+D2T", "_sips._tcp"),
@@ -137,6 +139,6 @@ def zone_records(status, settings):
             ]
             add(f"{service}.{origin}", "SRV", targets, sliced=True)
 
-    if status.role_members("sip_proxy"):
+    if status.role_members(roles.SIP_PROXY):
         add(origin, "NAPTR", [f'{order} 10 "s" "{service}" "" {srv}.{origin}' for order, service, srv in NAPTR])
     return records

@@ -13,6 +13,7 @@ on.
 """
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ import dns.resolver
 import gevent
 from gevent.event import Event
 
+from thor import roles
 from thor.events import protocol
 from thor.events.protocol import PROTOCOL_VERSION, ProtocolError
 from thor.transport.framing import FrameDecoder, FrameError
@@ -34,7 +36,6 @@ __all__ = ["Deduplicator", "EventClient", "Message", "discover_event_servers"]
 
 log = logging.getLogger("thor.events")
 
-EVENTSERVER_ROLE = "thor_eventserver"
 EVENTSERVER_SRV = "_eventserver._tcp"
 PING = protocol.encode({"type": "ping"})
 
@@ -104,7 +105,12 @@ class Deduplicator:
 
 
 class ServerLink:
-    """One event server: connect, hello, subscribe, read; reconnect until stopped."""
+    """One event server: connect, hello, subscribe, read; reconnect until stopped.
+
+    It serves its EventClient, which it tells of what happens through the client's link
+    interface: subscriptions(), retained_frames(), link_up(link), deliver(message, server),
+    server_error(link, error frame), link_down(link); and whose settings it reads.
+    """
 
     def __init__(self, client, endpoint):
         self.client = client
@@ -133,6 +139,11 @@ class ServerLink:
 
     def send(self, frame):
         return self.connected and self._writer is not None and self._writer.send(frame)
+
+    def disconnect(self):
+        """Drop the connection now (it reconnects after its backoff, unless stopped)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def ping(self):
         """Send a ping; returns its number, or None when the link is down."""
@@ -172,8 +183,8 @@ class ServerLink:
             delay = min(delay * 2, self.client.backoff_max)
 
     def _session(self):
-        tls_socket, identity = connect(
-            self.endpoint, self.client.contexts, timeout=self.client.connect_timeout, expected_role=EVENTSERVER_ROLE
+        tls_socket, identity = self.client.connect(
+            self.endpoint, timeout=self.client.connect_timeout, expected_role=roles.EVENT_SERVER
         )
         self.server_name = identity.name
         self.server_serial = identity.serial
@@ -185,14 +196,14 @@ class ServerLink:
         self.keepalive = float(hello.get("keepalive", 1.0))
         tls_socket.settimeout(self.keepalive * 3)
         self.connected = True
-        topics = sorted(self.client.handlers)
+        topics = self.client.subscriptions()
         for start in range(0, len(topics), protocol.MAX_TOPICS_PER_FRAME):
             chunk = topics[start : start + protocol.MAX_TOPICS_PER_FRAME]
             self._writer.send(protocol.encode({"type": "subscribe", "topics": chunk}))
-        for frame in self.client.retained.values():
+        for frame in self.client.retained_frames():
             self._writer.send(frame)
         log.info("connected to %s", self)
-        self.client._link_up(self)
+        self.client.link_up(self)
         pinger = gevent.spawn(self._ping_loop)
         try:
             self._read_loop(tls_socket, decoder)
@@ -229,12 +240,12 @@ class ServerLink:
                 message = protocol.decode(payload)
                 kind = message["type"]
                 if kind == "message":
-                    self.client._deliver(message, self.server_name)
+                    self.client.deliver(message, self.server_name)
                 elif kind == "pong":
                     self.pongs_received += 1
                     self._pong.set()
                 elif kind == "error":
-                    self.client._server_error(self, message)
+                    self.client.server_error(self, message)
                     if message["code"] in protocol.FATAL_ERRORS:
                         raise ProtocolError(message["code"], f"disconnected: {message['message']}")
 
@@ -248,7 +259,7 @@ class ServerLink:
             self._writer = None
         if was_connected:
             log.info("disconnected from %s", self)
-            self.client._link_down(self)
+            self.client.link_down(self)
 
 
 class EventClient:
@@ -264,10 +275,14 @@ class EventClient:
         connect_timeout=5.0,
         backoff=(0.5, 30.0),
         send_queue_limit=4 << 20,
+        connector=None,
     ):
+        """contexts: the TLS contexts the links connect with; connector(endpoint, timeout,
+        expected_role) -> (socket, server Identity) replaces TLS (thor.transport.memory)."""
         if not servers and not domain:
             raise ValueError("event servers need a static list or a domain to discover them in")
         self.contexts = contexts
+        self.connect = connector or functools.partial(connect, contexts=contexts)
         self.static_servers = tuple(servers)
         self.domain = domain
         self.nameservers = tuple(nameservers)
@@ -286,7 +301,8 @@ class EventClient:
         self._error_callbacks = []
         self._changed = Event()
         self._discovery = None
-        contexts.add_reload_callback(self._drop_revoked_servers)
+        if contexts is not None:
+            contexts.add_reload_callback(self._drop_revoked_servers)
 
     @classmethod
     def from_config(cls, network, contexts, connect_timeout=5.0):
@@ -392,7 +408,8 @@ class EventClient:
 
     def stop(self, flush_timeout=1.0):
         """Close every link, giving what is queued flush_timeout seconds to go out."""
-        self.contexts.remove_reload_callback(self._drop_revoked_servers)
+        if self.contexts is not None:
+            self.contexts.remove_reload_callback(self._drop_revoked_servers)
         if self._discovery is not None:
             self._discovery.kill(block=False)
         gevent.joinall([gevent.spawn(link.stop, flush_timeout) for link in self.links.values()])
@@ -405,8 +422,7 @@ class EventClient:
         for link in self.links.values():
             if link.connected and link.server_serial in contexts.revoked_serials:
                 log.warning("disconnecting from %s: its certificate was revoked", link)
-                if link._writer is not None:
-                    link._writer.close()
+                link.disconnect()
 
     def _broadcast(self, frame):
         return sum(1 for link in self.links.values() if link.send(frame))
@@ -432,7 +448,16 @@ class EventClient:
                 log.warning("no %s.%s SRV records: no event server to connect to", EVENTSERVER_SRV, self.domain)
             gevent.sleep(self.discovery_interval if endpoints else min(self.discovery_interval, 5.0))
 
-    def _deliver(self, message, server):
+    # -- what the links use (ServerLink) ------------------------------------------
+
+    def subscriptions(self):
+        return sorted(self.handlers)
+
+    def retained_frames(self):
+        return list(self.retained.values())
+
+    def deliver(self, message, server):
+        """A message frame a link received: handed to the topic's handlers once, whichever server brought it."""
         topic = message["topic"]
         if not self._dedup.first_time(message["publisher"], message["session"], topic, message["seq"]):
             return
@@ -446,17 +471,17 @@ class EventClient:
             except Exception:
                 log.exception("handler for %s failed on %r", topic, delivered)
 
-    def _server_error(self, link, message):
+    def server_error(self, link, message):
         log.warning("%s reports %s: %s", link, message["code"], message["message"])
         for callback in tuple(self._error_callbacks):
             _call(callback, link, message)
 
-    def _link_up(self, link):
+    def link_up(self, link):
         self._changed.set()
         for callback in tuple(self._connect_callbacks):
             _call(callback, link)
 
-    def _link_down(self, link):
+    def link_down(self, link):
         self._changed.set()
         for callback in tuple(self._disconnect_callbacks):
             _call(callback, link)

@@ -2,26 +2,28 @@
 
 Names known from AG Projects' public consumers of the original thor library
 are kept: Thor.Presence, Thor.Leave, Thor.Members, Thor.Statistics. Topics
-under "Thor." are reserved: each has a rule below, and an unknown Thor.*
-topic is refused. Other topics are free for applications to use between
-authenticated members. Most topics may be read by every member; those that
-carry subscribers' digest hashes only by the members that need them.
+under "Thor." are reserved: each has a rule, and an unknown Thor.* topic is
+refused. The core declares the overlay's own; applications declare theirs
+with declare() (thor.accounts.protocol: NGNPro's and the nodes'), and the
+event server imports those declarations to enforce them. Other topics are
+free for applications to use between authenticated members. Most topics may
+be read by every member; an application may restrict who reads its own.
 """
 
+from thor import roles
+
 __all__ = [
-    "ACCOUNTS_PREFIX",
-    "ACCOUNTS_WANTED",
     "CONNECTIONS",
     "LEAVE",
     "MEMBERS",
     "PRESENCE",
-    "PROVISIONING",
     "STATISTICS",
-    "USAGE",
     "ForbiddenError",
-    "accounts_topic",
     "authorize_publish",
     "authorize_subscribe",
+    "declare",
+    "own_name",
+    "role_rule",
 ]
 
 PRESENCE = "Thor.Presence"
@@ -30,13 +32,6 @@ MEMBERS = "Thor.Members"
 STATISTICS = "Thor.Statistics"
 # Published by each event server about the members connected to it.
 CONNECTIONS = "Thor.Connections"
-# Provisioning (docs/provisioning.md): NGNPro publishes every committed change; a
-# node asks for the accounts it owns and gets them on its own topic; nodes
-# report their usage.
-PROVISIONING = "Thor.Provisioning"
-ACCOUNTS_WANTED = "Thor.AccountsWanted"
-ACCOUNTS_PREFIX = "Thor.Accounts."
-USAGE = "Thor.Usage"
 
 RESERVED_PREFIX = "Thor."
 
@@ -49,20 +44,21 @@ def _own_entity(identity, body):
     """Presence: a member speaks for itself, with roles its certificate grants."""
     if not isinstance(body, dict) or body.get("name") != identity.name:
         raise ForbiddenError(f"presence must carry the publisher's own name {identity.name!r}")
-    roles = body.get("roles")
-    if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+    announced = body.get("roles")
+    if not isinstance(announced, list) or not all(isinstance(role, str) for role in announced):
         raise ForbiddenError("presence roles must be a list of role names")
-    extra = set(roles) - identity.roles
+    extra = set(announced) - identity.roles
     if extra:
         raise ForbiddenError(f"certificate of {identity.name} does not grant {', '.join(sorted(extra))}")
 
 
-def _own_name(identity, body):
+def own_name(identity, body):
+    """A rule: the body carries the publisher's own name."""
     if not isinstance(body, dict) or body.get("name") != identity.name:
         raise ForbiddenError(f"this must carry the publisher's own name {identity.name!r}")
 
 
-def _role(role, what="publish this"):
+def role_rule(role, what="publish this"):
     """A rule (identity, body or topic) that lets only certificates granting role do what."""
 
     def rule(identity, _):
@@ -76,39 +72,29 @@ def _nobody(identity, body):
     raise ForbiddenError("only event servers publish this")
 
 
-RULES = {
-    PRESENCE: _own_entity,
-    LEAVE: _own_name,
-    MEMBERS: _role("thor_manager"),
-    STATISTICS: _role("media_relay"),
-    CONNECTIONS: _nobody,
-    PROVISIONING: _role("provisioning_server"),
-    ACCOUNTS_WANTED: _own_name,
-    USAGE: _own_name,
-}
-# Topics named by a prefix and a member's name.
-PREFIX_RULES = {
-    ACCOUNTS_PREFIX: _role("provisioning_server"),
-}
+# topic -> rule(identity, body) for publishing, rule(identity, topic) for subscribing.
+_PUBLISH = {}
+_SUBSCRIBE = {}
+# The same for topics named by a prefix (and, say, a member's name).
+_PUBLISH_PREFIX = {}
+_SUBSCRIBE_PREFIX = {}
 
 
-def _addressee(identity, topic):
-    if topic != accounts_topic(identity.name):
-        raise ForbiddenError(f"only {topic[len(ACCOUNTS_PREFIX) :]!r} may subscribe to {topic}")
+def declare(topic, publish=None, subscribe=None, prefix=False):
+    """Declare who may publish on topic (publish: rule(identity, body); none: every member
+    for topics outside Thor., nobody for Thor.*) and who may read it (subscribe:
+    rule(identity, topic); none: every member). prefix: topic names every topic it starts."""
+    if publish is not None:
+        (_PUBLISH_PREFIX if prefix else _PUBLISH)[topic] = publish
+    if subscribe is not None:
+        (_SUBSCRIBE_PREFIX if prefix else _SUBSCRIBE)[topic] = subscribe
 
 
-# Who may read: every member, but for these.
-SUBSCRIBE_RULES = {
-    PROVISIONING: _role("sip_proxy", f"subscribe to {PROVISIONING}: it carries digest hashes"),
-}
-SUBSCRIBE_PREFIX_RULES = {
-    ACCOUNTS_PREFIX: _addressee,
-}
-
-
-def accounts_topic(name):
-    """The topic on which a node receives the accounts it asked for."""
-    return ACCOUNTS_PREFIX + name
+declare(PRESENCE, publish=_own_entity)
+declare(LEAVE, publish=own_name)
+declare(MEMBERS, publish=role_rule(roles.MANAGER))
+declare(STATISTICS, publish=role_rule(roles.MEDIA_RELAY))
+declare(CONNECTIONS, publish=_nobody)
 
 
 def _rule(topic, rules, prefix_rules):
@@ -120,7 +106,7 @@ def _rule(topic, rules, prefix_rules):
 
 def authorize_publish(identity, topic, body):
     """Raise ForbiddenError unless identity may publish body on topic."""
-    rule = _rule(topic, RULES, PREFIX_RULES)
+    rule = _rule(topic, _PUBLISH, _PUBLISH_PREFIX)
     if rule is not None:
         rule(identity, body)
     elif topic.startswith(RESERVED_PREFIX):
@@ -129,6 +115,6 @@ def authorize_publish(identity, topic, body):
 
 def authorize_subscribe(identity, topic):
     """Raise ForbiddenError unless identity may receive what is published on topic."""
-    rule = _rule(topic, SUBSCRIBE_RULES, SUBSCRIBE_PREFIX_RULES)
+    rule = _rule(topic, _SUBSCRIBE, _SUBSCRIBE_PREFIX)
     if rule is not None:
         rule(identity, topic)

@@ -7,16 +7,15 @@ monkey.patch_all()
 import sys
 import time
 
-from thor import __version__
+from thor import __version__, roles
 from thor.config import TLSConfig
 from thor.daemon import Daemon, StartupError, raise_file_limit, run
 from thor.eventserver.config import EventServerConfig
 from thor.eventserver.server import EventServer, Limits
+from thor.identity import Identity, IdentityError, announced_address
 from thor.membership.entity import make_entity
-from thor.membership.member import own_address
-from thor.transport.tls import TLSError, load_certificate_identity
 
-ROLE = "thor_eventserver"
+ROLE = roles.EVENT_SERVER
 
 
 class EventServerDaemon(Daemon):
@@ -26,12 +25,14 @@ class EventServerDaemon(Daemon):
 
     def start(self):
         tls_config, config = self.config[TLSConfig], self.config[EventServerConfig]
+        host, port = config.listen
+        wildcard = host in ("0.0.0.0", "::")
         try:
-            identity = load_certificate_identity(tls_config.certificate)
-        except TLSError as error:
+            identity = Identity.load(tls_config.certificate)
+            identity.require_role(ROLE, f"certificate {tls_config.certificate}")
+            address = announced_address(config.address or ("" if wildcard else host), identity, "[EventServer] address")
+        except IdentityError as error:
             raise StartupError(str(error)) from None
-        if ROLE not in identity.roles:
-            raise StartupError(f"certificate {tls_config.certificate} of {identity.name} does not grant {ROLE}")
         raise_file_limit(config.max_connections + 64)
         limits = Limits(
             keepalive=config.keepalive,
@@ -44,16 +45,10 @@ class EventServerDaemon(Daemon):
             max_retained=config.max_retained,
             max_retained_bytes=config.max_retained_bytes,
         )
-        host, port = config.listen
-        wildcard = host in ("0.0.0.0", "::")
-        try:
-            address = own_address(config.address or ("" if wildcard else host), tls_config.certificate)
-        except ValueError as error:
-            raise StartupError(f"[EventServer] address: {error}") from None
         presence = make_entity(identity.name, address, [ROLE], __version__, time.time(), attributes={"port": port})
-        self.server = EventServer(identity.name, self.tls, config.listen, limits, presence=presence)
+        self.server = EventServer(identity.name, limits, presence=presence)
         try:
-            self.server.start()
+            self.server.listen_tls(config.listen, self.tls)
         except OSError as error:
             raise StartupError(f"cannot listen on {config.listen[0]}:{config.listen[1]}: {error.strerror}") from None
 

@@ -25,6 +25,8 @@ import time
 
 import gevent
 
+# The applications' topics and their rules (the core declares only its own).
+import thor.accounts.protocol  # noqa: F401
 from thor.events import protocol, topics
 from thor.events.protocol import PROTOCOL_VERSION, ProtocolError
 from thor.transport.framing import FrameDecoder, FrameError
@@ -107,7 +109,10 @@ class Connection:
 
 
 class EventServer:
-    def __init__(self, name, contexts, listen, limits=None, presence=None):
+    """The bus. serve(socket, identity) handles one authenticated connection: a TLS server
+    (listen_tls) or an in-memory transport (thor.transport.memory) hands them over."""
+
+    def __init__(self, name, limits=None, presence=None):
         """presence: this server's own entity, handed to every subscriber of Thor.Presence."""
         self.name = name
         self.limits = limits or Limits()
@@ -128,29 +133,36 @@ class EventServer:
                     "body": presence,
                 }
             )
+        self._tls_server = None
+
+    @property
+    def address(self):
+        return self._tls_server.address if self._tls_server is not None else None
+
+    def listen_tls(self, listen, contexts):
+        """Serve members on listen over mutual TLS; OSError when the address cannot be bound."""
         self._tls_server = TLSServer(
             listen,
             contexts,
-            self._serve,
+            self.serve,
             handshake_timeout=self.limits.handshake_timeout,
             max_connections=self.limits.max_connections,
             name="eventserver",
         )
-
-    @property
-    def address(self):
-        return self._tls_server.address
-
-    def start(self):
         self._tls_server.start()
         log.info("event server %s listening on %s", self.name, format_address(self.address))
 
     def stop(self, timeout=5):
-        self._tls_server.stop(timeout=timeout)
+        """Close the listener and every member's connection."""
+        if self._tls_server is not None:
+            self._tls_server.stop(timeout=timeout)
+        for connection in list(self.connections.values()):
+            connection.writer.close()
 
     # -- one connection -------------------------------------------------------
 
-    def _serve(self, tls_socket, identity):
+    def serve(self, tls_socket, identity):
+        """Handle one member's connection until it ends; the caller closes the socket."""
         connection = Connection(self, next(self._connection_ids), tls_socket, identity)
         decoder = FrameDecoder(self.limits.max_frame_size)
         try:

@@ -23,14 +23,14 @@ over; the active stays active while it lives.
 import logging
 import time
 
+from thor import roles
 from thor.membership.entity import EntityError, validate_entity
 from thor.membership.status import NetworkStatus, merge_presence
 
-__all__ = ["MANAGER_ROLE", "NetworkView"]
+__all__ = ["NetworkView"]
 
 log = logging.getLogger("thor.manager")
 
-MANAGER_ROLE = "thor_manager"
 # Presence of a session no server has reported for this long is forgotten.
 FORGET_AFTER = 600.0
 
@@ -123,7 +123,7 @@ class NetworkView:
         return {name: merge_presence(entities) for name, entities in sessions.items()}
 
     def active_manager(self):
-        managers = [entity for entity in self.live_sessions().values() if MANAGER_ROLE in entity["roles"]]
+        managers = [entity for entity in self.live_sessions().values() if roles.MANAGER in entity["roles"]]
         if not managers:
             return None
         return min(managers, key=lambda entity: (entity["since"], entity["name"]))["name"]

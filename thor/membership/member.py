@@ -1,18 +1,14 @@
 """The membership every Thor program has: its presence, a clean leave, and the network status."""
 
-import ipaddress
 import logging
-import socket
 import time
-
-from cryptography import x509
 
 from thor import __version__
 from thor.events.topics import LEAVE, MEMBERS, PRESENCE
 from thor.membership.entity import make_entity
 from thor.membership.status import StatusCache
 
-__all__ = ["OverlayMember", "own_address"]
+__all__ = ["OverlayMember"]
 
 log = logging.getLogger("thor.membership")
 
@@ -74,29 +70,3 @@ class OverlayMember:
         if self.announce:
             self.client.publish(LEAVE, {"name": self.name})
         self.client.stop(flush_timeout=flush_timeout)
-
-
-def own_address(configured, certificate_path):
-    """The address a member announces: configured, else the certificate's IP, else its name's DNS address."""
-    if configured:
-        try:
-            return str(ipaddress.ip_address(configured))
-        except ValueError:
-            raise ValueError(f"[ThorNetwork] address = {configured!r}: expected an IP address") from None
-    with open(certificate_path, "rb") as stream:
-        certificate = x509.load_pem_x509_certificate(stream.read())
-    try:
-        alt_names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        addresses = alt_names.get_values_for_type(x509.IPAddress)
-    except x509.ExtensionNotFound:
-        addresses = []
-    if addresses:
-        return str(addresses[0])
-    names = certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
-    name = names[0].value if names else ""
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        raise ValueError(
-            f"no address for {name}: set [ThorNetwork] address, or issue the certificate with --address"
-        ) from None

@@ -3,8 +3,8 @@
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import Daemon, StartupError
 from thor.events.client import EventClient
-from thor.membership.member import OverlayMember, own_address
-from thor.transport.tls import TLSError, load_certificate_identity
+from thor.identity import Identity, IdentityError, announced_address
+from thor.membership.member import OverlayMember
 
 __all__ = ["MemberDaemon"]
 
@@ -26,20 +26,15 @@ class MemberDaemon(Daemon):
 
     def start(self):
         network, tls_config = self.config[ThorNetworkConfig], self.config[TLSConfig]
-        try:
-            self.identity = load_certificate_identity(tls_config.certificate)
-        except TLSError as error:
-            raise StartupError(str(error)) from None
-        if self.required_role and self.required_role not in self.identity.roles:
-            raise StartupError(
-                f"certificate {tls_config.certificate} of {self.identity.name} does not grant {self.required_role}"
-            )
         address = None
-        if self.announce:
-            try:
-                address = own_address(network.address, tls_config.certificate)
-            except ValueError as error:
-                raise StartupError(str(error)) from None
+        try:
+            self.identity = Identity.load(tls_config.certificate)
+            if self.required_role:
+                self.identity.require_role(self.required_role, f"certificate {tls_config.certificate}")
+            if self.announce:
+                address = announced_address(network.address, self.identity)
+        except IdentityError as error:
+            raise StartupError(str(error)) from None
         self.client = EventClient.from_config(network, self.tls)
         self.member = OverlayMember(
             self.client,

@@ -8,11 +8,10 @@ converges: nodes reload what they own when they reconnect and every
 """
 
 import hmac
-import json
 import logging
 import time
 
-from thor.events.topics import PROVISIONING
+from thor.accounts.protocol import PROVISIONING, record_batches
 from thor.ngnpro.model import (
     InvalidInputError,
     check_domain,
@@ -23,55 +22,12 @@ from thor.ngnpro.model import (
     digests,
 )
 
-__all__ = ["Provisioning", "record_batches", "usage_report"]
+__all__ = ["Provisioning"]
 
 log = logging.getLogger("thor.ngnpro")
 
 MAX_LIST = 1000
 MAX_OFFSET = 2**31 - 1
-
-
-# Records per message to the nodes: at most this many and about MAX_BATCH_BYTES of JSON, well
-# inside the event bus's frames (1 MiB) whatever the records hold.
-MAX_BATCH_RECORDS = 2000
-MAX_BATCH_BYTES = 256 * 1024
-# What getStatistics reports of a node's Thor.Usage, and the types each must have.
-USAGE_FIELDS = {
-    "uptime": (int, float),
-    "accounts": (int,),
-    "aliases": (int,),
-    "lookups": (int,),
-    "lookup_connections": (int,),
-    "load_average": (int, float),
-}
-
-
-def record_batches(records, max_records=MAX_BATCH_RECORDS, max_bytes=MAX_BATCH_BYTES):
-    """The records (an iterable) in lists of at most max_records and about max_bytes of JSON."""
-    batch, size = [], 0
-    for record in records:
-        length = len(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode())
-        if batch and (len(batch) >= max_records or size + length > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(record)
-        size += length
-    if batch:
-        yield batch
-
-
-def usage_report(body):
-    """The fields getStatistics shows of a Thor.Usage body, or None when it is not one.
-
-    A member's report is its own word: a field of the wrong type is left out, not shown."""
-    if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("address"), str):
-        return None
-    report = {"name": body["name"][:255], "address": body["address"][:64]}
-    for field, types in USAGE_FIELDS.items():
-        value = body.get(field)
-        if isinstance(value, types) and not isinstance(value, bool) and abs(value) < 2**63:
-            report[field] = value
-    return report
 
 
 class Provisioning:

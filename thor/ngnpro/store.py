@@ -17,7 +17,7 @@ import logging
 import gevent.lock
 import psycopg2
 
-from thor.ngnpro.model import InvalidInputError, account_record, sip_key
+from thor.ngnpro.model import account_record, sip_key
 from thor.pgsql import connect, cooperative, one_line
 
 __all__ = ["ConflictError", "NotFoundError", "OutcomeUnknownError", "Store", "StoreUnavailableError"]
@@ -410,7 +410,3 @@ def _alias_change(username, domain, target_username, target_domain, seq):
 
 def _deletion(kind, username, domain, seq):
     return {"kind": kind, "key": sip_key(username, domain), "seq": seq, "data": None}
-
-
-# A misuse of the API is a client error whatever layer notices it.
-CLIENT_ERRORS = (InvalidInputError, NotFoundError, ConflictError)

@@ -4,7 +4,7 @@ import ipaddress
 
 from thor.config import Section, Setting
 from thor.datatypes import Endpoint, Float, Integer, NameList
-from thor.node.health import CheckList
+from thor.health import CheckList
 
 
 class NodeConfig(Section):

@@ -11,17 +11,17 @@ import time
 
 import gevent
 
+from thor import roles
+from thor.accounts.cache import AccountCache, accounts_application
+from thor.accounts.protocol import USAGE
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, raise_file_limit, run
-from thor.events.topics import USAGE
+from thor.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch, withdrawn_roles
 from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
-from thor.node.accounts import ROLE as ACCOUNTS_ROLE
-from thor.node.accounts import AccountCache, accounts_application
 from thor.node.config import NodeConfig
-from thor.node.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch, withdrawn_roles
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
@@ -108,10 +108,10 @@ class NodeDaemon(MemberDaemon):
                 "[Node] accounts_listen = %s is not a loopback address: anyone who reaches it reads digest hashes",
                 format_address(settings.accounts_listen),
             )
-        if ACCOUNTS_ROLE in self.identity.roles:
+        if roles.SIP_PROXY in self.identity.roles:
             self.accounts.start()
         else:  # the event servers would refuse its subscriptions: the accounts are sip_proxy nodes'
-            self.log.info("the certificate grants no %s: the account cache stays empty", ACCOUNTS_ROLE)
+            self.log.info("the certificate grants no %s: the account cache stays empty", roles.SIP_PROXY)
         self._checkers = [
             gevent.spawn(watch, health, settings.check_interval, settings.check_timeout, self._health_changed)
             for health in self.health.values()

@@ -2,8 +2,8 @@
 
 Both ends present a certificate issued by the provider CA (thor.pki); both
 check the other's against the CA and the CRL. The application gets the peer's
-PeerIdentity: its node name (the certificate's common name) and the roles its
-certificate grants. The CA, certificate, key and CRL are re-read on reload()
+thor.identity.Identity: its node name (the certificate's common name), the
+roles its certificate grants and its addresses. The CA, certificate, key and CRL are re-read on reload()
 (the daemons call it on SIGHUP) and when the files change (watch()); a reload
 that fails keeps the previous contexts and logs why. Connections of peers
 whose certificate the new CRL revokes are closed at once.
@@ -23,10 +23,10 @@ from gevent import socket, ssl
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from thor.pki import roles_from_uris
+from thor.identity import Identity
 from thor.x509compat import crl_next_update
 
-__all__ = ["PeerIdentity", "TLSContexts", "TLSError", "TLSServer", "connect"]
+__all__ = ["TLSContexts", "TLSError", "TLSServer", "connect", "format_address"]
 
 log = logging.getLogger("thor.tls")
 
@@ -37,35 +37,6 @@ CRL_EXPIRY_WARNING = timedelta(days=7)
 
 class TLSError(Exception):
     """A TLS setup or connection problem; str() is one line."""
-
-
-class PeerIdentity:
-    """Who is at the other end of a verified TLS connection."""
-
-    __slots__ = ("address", "name", "roles", "serial")
-
-    def __init__(self, name, roles, serial, address):
-        self.name = name
-        self.roles = frozenset(roles)
-        self.serial = serial
-        self.address = address
-
-    @classmethod
-    def from_peer_certificate(cls, certificate, address):
-        name = None
-        for rdn in certificate.get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName":
-                    name = value
-        uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
-        serial = int(certificate["serialNumber"], 16)
-        return cls(name, roles_from_uris(uris), serial, address)
-
-    def __repr__(self):
-        return f"PeerIdentity({self.name!r}, roles={sorted(self.roles)}, address={self.address!r})"
-
-    def __str__(self):
-        return f"{self.name} ({format_address(self.address)})"
 
 
 def format_address(address):
@@ -219,7 +190,7 @@ def _reason(error):
 
 
 def _handshake(sock, context, server_side, timeout, address):
-    """Wrap sock, complete the handshake within timeout and return (tls socket, PeerIdentity)."""
+    """Wrap sock, complete the handshake within timeout and return (tls socket, the peer's Identity)."""
     tls_socket = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
     tls_socket.settimeout(timeout)
     try:
@@ -227,7 +198,7 @@ def _handshake(sock, context, server_side, timeout, address):
         certificate = tls_socket.getpeercert()
         if not certificate:
             raise TLSError("no certificate presented")
-        identity = PeerIdentity.from_peer_certificate(certificate, address)
+        identity = Identity.from_peer_certificate(certificate, address)
         if not identity.name:
             raise TLSError("certificate has no common name")
     except BaseException:
@@ -239,7 +210,7 @@ def _handshake(sock, context, server_side, timeout, address):
 
 
 class TLSServer:
-    """A gevent TCP server that hands verified TLS connections to handler(socket, PeerIdentity).
+    """A gevent TCP server that hands verified TLS connections to handler(socket, Identity).
 
     The handler owns the socket; it is closed when the handler returns. At
     most max_connections handlers (handshakes included) run at once; beyond
@@ -265,11 +236,6 @@ class TLSServer:
         # Small frames go out at once instead of waiting for Nagle's timer.
         self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._server.start()
-
-    def serve_forever(self):
-        if not self._server.started:
-            self.start()
-        self._server.serve_forever()
 
     def stop(self, timeout=5):
         self.contexts.remove_reload_callback(self._drop_revoked)
@@ -320,7 +286,7 @@ class TLSServer:
 
 
 def connect(address, contexts, timeout=5.0, expected_role=None):
-    """Connect to a Thor server at (host, port); return (tls socket, PeerIdentity).
+    """Connect to a Thor server at (host, port); return (tls socket, the server's Identity).
 
     expected_role: refuse a server whose certificate does not grant it (e.g.
     thor_eventserver), so that a stolen node certificate cannot impersonate an
@@ -345,22 +311,3 @@ def connect(address, contexts, timeout=5.0, expected_role=None):
             tls_socket.close()
         raise TLSError(f"{identity} does not hold role {expected_role}")
     return tls_socket, identity
-
-
-def load_certificate_identity(path):
-    """The node name and roles of a certificate file (for a daemon's own certificate)."""
-    try:
-        with open(path, "rb") as stream:
-            certificate = x509.load_pem_x509_certificate(stream.read())
-    except OSError as error:
-        raise TLSError(f"cannot read certificate {path}: {error.strerror}") from None
-    except ValueError:
-        raise TLSError(f"{path} is not a PEM certificate") from None
-    names = certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
-    try:
-        alt_names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = alt_names.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    name = names[0].value if names else None
-    return PeerIdentity(name, roles_from_uris(uris), certificate.serial_number, None)

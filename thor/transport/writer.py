@@ -28,10 +28,6 @@ class QueuedWriter:
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
 
-    @property
-    def queued_bytes(self):
-        return self._queued_bytes
-
     def send(self, frame):
         if self.closed:
             return False

@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 import requests
@@ -18,12 +17,9 @@ import zeep
 import zeep.exceptions
 import zeep.transports
 
-# The project's own test helpers (wait_for: poll a condition with a deadline).
-sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "tests"))
-from conftest import wait_for
-from kamailio import register
-
 from thor.lookup.client import LookupClient
+from thor.loopback.kamailio import register
+from thor.loopback.process import wait_for
 
 DOMAIN = "molecule.sipthor.test"
 NETWORK = "thor-molecule"

@@ -9,19 +9,20 @@ import signal
 import socket
 import subprocess
 
-import processes
-from conftest import wait_for
+from thor.health import Check
+from thor.loopback.process import PACKAGE_ROOT, exited, wait_for
 
-from thor.node.health import Check
+__all__ = ["CONFIG", "Kamailio", "register"]
 
 _NAME = "kamailio-thor.cfg"
+# The configuration we ship: a checkout's, or the one thor-node installs.
 CONFIG = next(
-    path
-    for path in (
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", _NAME),
-        f"/usr/share/doc/thor-node/examples/{_NAME}",  # the suite against the installed packages
-    )
-    if os.path.exists(path)
+    (
+        path
+        for path in (os.path.join(PACKAGE_ROOT, "etc", _NAME), f"/usr/share/doc/thor-node/examples/{_NAME}")
+        if os.path.exists(path)
+    ),
+    None,
 )
 
 
@@ -62,7 +63,7 @@ class Kamailio:
     def stop(self):
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            processes.exited(self.process, 10)
+            exited(self.process, 10)
 
     def log(self):
         with open(os.path.join(self.directory, "kamailio.log"), errors="replace") as stream:

@@ -1,19 +1,55 @@
-"""Run Thor programs as real processes on loopback for multi-process tests."""
+"""Thor programs as real processes on loopback: configuration files, ports, logs, waits."""
 
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 
-from conftest import REPO, wait_for
+import gevent
+
+import thor
+
+__all__ = [
+    "PACKAGE_ROOT",
+    "Program",
+    "config_text",
+    "die_with_parent",
+    "exited",
+    "free_port",
+    "python_command",
+    "tls_values",
+    "wait_for",
+    "write_config",
+]
+
+# Where the thor package lives: the programs run from the same code as their caller.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(thor.__file__)))
 
 # Below the kernel's ephemeral range (32768-60999): a port handed out here is not taken by an
 # outgoing connection before the program binds it, and none is handed out twice in one run
 # (two servers asking before either binds would otherwise get the same port).
 PORT_RANGE = (20000, 32000)
 _handed_out = set()
+
+_PR_SET_PDEATHSIG = 1
+
+
+def wait_for(condition, timeout=5.0, interval=0.02, message="condition"):
+    """Poll condition() until it returns a true value or timeout passes; return that value.
+
+    Cooperative (gevent.sleep): in-process event clients keep their keepalives going."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        gevent.sleep(interval)
 
 
 def free_port(host="127.0.0.1"):
@@ -41,9 +77,9 @@ def exited(process, timeout):
     return process.returncode
 
 
-def config_text(sections):
+def config_text(sections, header=""):
     """INI text from {section: {key: value}}."""
-    lines = []
+    lines = [header] if header else []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {value}" for key, value in values.items())
@@ -51,11 +87,36 @@ def config_text(sections):
     return "\n".join(lines)
 
 
-class Program:
-    """A program started with --config; its stderr goes to a file the test can read."""
+def write_config(path, sections, header=""):
+    with open(path, "w") as stream:
+        stream.write(config_text(sections, header))
 
-    def __init__(self, directory, name, command, sections):
-        """sections: {section: {key: value}}, or the configuration file's text."""
+
+def python_command(module, *args):
+    """The command line running module with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def tls_values(files, **extra):
+    """A [TLS] section from a PKI's files (ca, certificate, private_key, crl), handshakes bounded at 2 s."""
+    values = dict(files)
+    values.setdefault("handshake_timeout", 2)
+    values.update(extra)
+    return values
+
+
+def die_with_parent():
+    # Runs in the child before exec: the kernel sends TERM when the process that started it
+    # dies, however it dies, so no program outlives its test, benchmark or demo.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Program:
+    """A program started with --config; its stderr goes to a file the caller can read."""
+
+    def __init__(self, directory, name, command, sections, python=sys.executable, arguments=()):
+        """command: what follows the interpreter (["-m", "thor.node.main"]); sections:
+        {section: {key: value}}, or the configuration file's text."""
         os.makedirs(directory, exist_ok=True)
         self.name = name
         self.config = os.path.join(directory, f"{name}.ini")
@@ -63,14 +124,16 @@ class Program:
             stream.write(sections if isinstance(sections, str) else config_text(sections))
         self.log_path = os.path.join(directory, f"{name}.log")
         self.stdout_path = os.path.join(directory, f"{name}.out")
-        env = dict(os.environ, PYTHONPATH=REPO)
+        env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
         with open(self.log_path, "wb") as log, open(self.stdout_path, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, *command, "--config", self.config],
+                [python, *command, "--config", self.config, *arguments],
                 stderr=log,
                 stdout=out,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                start_new_session=True,  # a Ctrl-C reaches the caller, which stops its programs in order
+                preexec_fn=die_with_parent,  # noqa: PLW1509 (one prctl call, safe between fork and exec)
             )
 
     @property
@@ -86,7 +149,17 @@ class Program:
             return stream.read()
 
     def wait_log(self, text, timeout=10):
-        wait_for(lambda: text in self.log(), timeout=timeout, message=f"{text!r} in the log of {self.name}")
+        """Wait until text is in the log; fail at once, with the log, if the program ends first."""
+
+        def logged():
+            if text in self.log():
+                return True
+            if self.process.poll() is not None:
+                status = self.process.returncode
+                raise AssertionError(f"{self.name} exited ({status}) before logging {text!r}:\n{self.log()}")
+            return False
+
+        wait_for(logged, timeout=timeout, message=f"{text!r} in the log of {self.name}")
 
     def signal(self, signum):
         self.process.send_signal(signum)
@@ -100,6 +173,7 @@ class Program:
         assert self.exited(10) is not None, f"{self.name} did not end on SIGKILL within 10s"
 
     def stop(self, timeout=10):
+        """TERM, then the exit status (KILL and an error after timeout)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             if self.exited(timeout) is None:
@@ -112,10 +186,3 @@ class Program:
         if self.process.poll() is None:
             self.process.kill()
             assert self.exited(10) is not None, f"{self.name} did not end on SIGKILL within 10s"
-
-
-def tls_values(files, **extra):
-    values = dict(files)
-    values.setdefault("handshake_timeout", 2)
-    values.update(extra)
-    return values

@@ -28,17 +28,17 @@ import time
 import gevent
 from gevent.event import Event
 
-from thor.events.topics import ACCOUNTS_WANTED, PROVISIONING, accounts_topic
+from thor import roles
+from thor.accounts.protocol import ACCOUNTS_WANTED, KINDS, PROVISIONING, accounts_topic
 from thor.lookup.ring import InvalidKeyError, normalize_key
 from thor.transport.http import reply
 
 __all__ = ["AccountCache", "accounts_application"]
 
-log = logging.getLogger("thor.node")
+log = logging.getLogger("thor.accounts")
 
-ROLE = "sip_proxy"
-PROVIDER = "provisioning_server"
-KINDS = ("account", "alias")
+ROLE = roles.SIP_PROXY
+PROVIDER = roles.PROVISIONING_SERVER
 # How long a deletion is remembered: longer than any change can be on its way from NGNPro.
 TOMBSTONE_SECONDS = 120.0
 

@@ -1,12 +1,13 @@
-"""Real PostgreSQL 15 and PowerDNS 4.7 (gpgsql) as processes on loopback, for thor-dns tests."""
+"""Real PostgreSQL 15 and PowerDNS 4.7 (gpgsql) as processes on loopback (Debian's packages)."""
 
 import os
 import shutil
 import subprocess
 import tempfile
 
-import processes
-from conftest import wait_for
+from thor.loopback.process import exited, free_port, wait_for
+
+__all__ = ["SCHEMA", "PostgreSQL", "PowerDNS"]
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 SCHEMA = "/usr/share/pdns-backend-pgsql/schema/schema.pgsql.sql"
@@ -26,7 +27,7 @@ class PostgreSQL:
         self.root = directory
         self.directory = os.path.join(directory, "pgdata")
         self.socket_dir = os.path.join(directory, "pgsocket")
-        self.port = processes.free_port()
+        self.port = free_port()
         self.log = os.path.join(directory, "postgresql.log")
         os.makedirs(self.socket_dir, exist_ok=True)
         if os.geteuid() == 0:
@@ -52,6 +53,7 @@ class PostgreSQL:
     def stop(self):
         subprocess.run(
             _as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.directory, "-m", "fast", "-w", "stop"]),
+            check=False,  # stopping what already stopped is fine
             capture_output=True,
             timeout=60,
         )
@@ -76,7 +78,7 @@ class PowerDNS:
     def __init__(self, directory, postgresql, database):
         self.directory = os.path.join(directory, f"pdns-{database}")
         os.makedirs(self.directory, exist_ok=True)
-        self.port = processes.free_port()
+        self.port = free_port()
         config = {
             "launch": "gpgsql",
             "gpgsql-host": "127.0.0.1",
@@ -131,4 +133,4 @@ class PowerDNS:
     def stop(self):
         if self.process.poll() is None:
             self.process.terminate()
-            processes.exited(self.process, 10)
+            exited(self.process, 10)

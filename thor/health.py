@@ -1,4 +1,4 @@
-"""Health checks of the local services behind a node's roles.
+"""Health checks of the local services behind a program's roles (thor-node, thor-database).
 
 A check is written kind:host:port (or none):
 
@@ -14,6 +14,7 @@ import time
 
 import gevent
 
+from thor import roles
 from thor.datatypes import Datatype, Endpoint
 from thor.roles import RoleError, check_role_name
 
@@ -21,12 +22,12 @@ __all__ = ["DEFAULT_CHECKS", "Check", "CheckList", "RoleHealth", "parse_check", 
 
 # What the built-in roles' software listens on by default.
 DEFAULT_CHECKS = {
-    "sip_proxy": "sip:127.0.0.1:5060",
-    "voicemail_server": "sip:127.0.0.1:5060",
-    "xcap_server": "tcp:127.0.0.1:443",
-    "media_relay": "tcp:127.0.0.1:25060",
-    "msrprelay_server": "tcp:127.0.0.1:2855",
-    "provisioning_server": "tcp:127.0.0.1:9200",
+    roles.SIP_PROXY: "sip:127.0.0.1:5060",
+    roles.VOICEMAIL_SERVER: "sip:127.0.0.1:5060",
+    roles.XCAP_SERVER: "tcp:127.0.0.1:443",
+    roles.MEDIA_RELAY: "tcp:127.0.0.1:25060",
+    roles.MSRP_RELAY: "tcp:127.0.0.1:2855",
+    roles.PROVISIONING_SERVER: "tcp:127.0.0.1:9200",
 }
 
 KINDS = ("tcp", "sip", "none")

@@ -1,0 +1,186 @@
+"""NGNPro on loopback, with the network it needs: PostgreSQL found through thor-database, event
+servers, a manager, sip_proxy nodes; zeep as its SOAP client and readers of the nodes' caches.
+
+For the tests and the NGNPro benchmark: it needs zeep and requests (the test extras).
+"""
+
+import hashlib
+import http.client
+import json
+
+import requests
+import zeep
+import zeep.exceptions
+import zeep.transports
+
+from thor.lookup.table import LookupTable
+from thor.loopback.network import Overlay, wait_status
+from thor.loopback.process import free_port, wait_for
+
+__all__ = [
+    "DOMAIN",
+    "NGNPRO_ADDRESS",
+    "NODE_ADDRESSES",
+    "PASSWORD",
+    "CacheReader",
+    "Network",
+    "Soap",
+    "account",
+    "cached",
+    "ha1",
+    "node_at",
+    "owner",
+    "soap_client",
+]
+
+DOMAIN = "example.com"
+PASSWORD = "provisioning-secret"
+NGNPRO_ADDRESS = "127.0.4.1"
+NODE_ADDRESSES = {f"node{index}": f"127.0.4.{10 + index}" for index in range(1, 6)}
+
+
+class Network:
+    """PostgreSQL, 2 event servers, a manager, thor-database, ngnpro and sip_proxy nodes."""
+
+    def __init__(self, directory, pki, postgresql):
+        self.overlay = Overlay(directory, pki)
+        self.postgresql = postgresql
+        self.pki = pki
+        postgresql.create_database("thor")
+        self.overlay.start_eventservers(2)
+        self.overlay.manager("manager1")
+        self.overlay.start(
+            "database1",
+            "thor.database.main",
+            "thor_database",
+            "127.0.4.2",
+            Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
+        )
+        self.port = free_port(NGNPRO_ADDRESS)
+        self.ngnpro = self.start_ngnpro("ngnpro1", NGNPRO_ADDRESS, self.port)
+        self.observer = self.overlay.observer()
+        self.nodes = {}
+        self.status(lambda s: {"database1", "ngnpro1"} <= set(s.members), "the database and ngnpro announced")
+
+    def start_ngnpro(self, name, address, port):
+        return self.overlay.start(
+            name,
+            "thor.ngnpro.main",
+            "provisioning_server",
+            address,
+            NGNPro={"listen": f"{address}:{port}", "password": PASSWORD, "database_user": "postgres"},
+        )
+
+    def start_node(self, name):
+        self.nodes[name] = self.overlay.node(name, "sip_proxy", NODE_ADDRESSES[name], usage_interval=0.5)
+        return self.nodes[name]
+
+    def start_nodes(self, *names):
+        """Start nodes and wait until the status lists them as sip_proxy members."""
+        for name in names:
+            self.start_node(name)
+        wanted = {NODE_ADDRESSES[name] for name in names}
+        self.status(lambda s: wanted <= set(s.addresses("sip_proxy")), f"{', '.join(names)} in the status")
+
+    def stop_node(self, name):
+        self.nodes.pop(name).stop()
+
+    def client(self, address=NGNPRO_ADDRESS, port=None):
+        return soap_client(self.pki, address, port or self.port)
+
+    def status(self, predicate, message):
+        return wait_status(self.observer, predicate, timeout=20, message=message)
+
+    def close(self):
+        self.overlay.close()
+
+
+def soap_client(pki, address, port):
+    """A zeep client of the NGNPro at address:port, once it serves its WSDL and reaches its database."""
+    session = requests.Session()
+    session.verify = pki.ca.ca_certificate_path
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE from the environment overrides verify
+    transport = zeep.transports.Transport(session=session, timeout=30, operation_timeout=30)
+    url = f"https://{address}:{port}/ngnpro/wsdl"
+    wait_for(lambda: _answers(session, url), timeout=20, message="ngnpro serving its WSDL")
+    soap = Soap(zeep.Client(url, transport=transport))
+    wait_for(lambda: _database_ready(soap), timeout=20, message="ngnpro reaching the database")
+    return soap
+
+
+def _answers(session, url):
+    try:
+        return session.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _database_ready(soap):
+    try:
+        soap.getDomains()
+    except zeep.exceptions.Fault as fault:
+        if fault.code and fault.code.endswith("DatabaseUnavailable"):
+            return False
+        raise
+    return True
+
+
+class Soap:
+    """Both ports of one zeep client, each call with the Login header."""
+
+    def __init__(self, client, username="admin", password=PASSWORD):
+        self.client = client
+        self.sip = client.bind("SipPort", "SipPort")
+        self.network = client.bind("NetworkPort", "NetworkPort")
+        login = client.get_element("{urn:AGProjects:NGNPro}Login")
+        self.header = login(username=username, password=password)
+
+    def __getattr__(self, operation):
+        port = self.network if operation in ("getStatus", "getStatistics") else self.sip
+
+        def call(*args, **kwargs):
+            return getattr(port, operation)(*args, **kwargs, _soapheaders=[self.header])
+
+        return call
+
+
+def account(username, password="a-good-password", **fields):
+    return {"id": {"username": username, "domain": DOMAIN}, "password": password, **fields}
+
+
+def ha1(username, password, domain=DOMAIN):
+    return hashlib.md5(f"{username}:{domain}:{password}".encode()).hexdigest()
+
+
+class CacheReader:
+    """Reads a node's account cache over HTTP, on one keep-alive connection."""
+
+    def __init__(self, node, timeout=10):
+        self.connection = http.client.HTTPConnection(*node.accounts, timeout=timeout)
+
+    def get(self, path, method="GET"):
+        self.connection.request(method, path)
+        response = self.connection.getresponse()
+        return response.status, response.read().decode()
+
+    def close(self):
+        self.connection.close()
+
+
+def cached(node, key):
+    """What a node's account cache answers for key (None: it does not hold it)."""
+    reader = CacheReader(node)
+    try:
+        code, body = reader.get(f"/accounts/{key}")
+    finally:
+        reader.close()
+    assert code in (200, 404), (code, body)
+    return json.loads(body) if code == 200 else None
+
+
+def owner(network, key):
+    return LookupTable.from_status(network.observer.status.status).lookup("sip_proxy", key)
+
+
+def node_at(network, address):
+    return next(node for name, node in network.nodes.items() if NODE_ADDRESSES[name] == address)
