@@ -298,11 +298,20 @@ def read_frames(tls_socket, count=1):
     return frames
 
 
-def closed(tls_socket):
+def closed(sock, limit=65536):
+    """Whether the server ends the connection (after a TLS alert, maybe) instead of serving it."""
+    received = 0
     try:
-        return tls_socket.recv(1) == b""
+        while received <= limit:
+            data = sock.recv(4096)
+            if not data:
+                return True
+            received += len(data)
+    except TimeoutError:
+        return False  # still open after the socket's timeout
     except OSError:
-        return True
+        return True  # reset
+    return False
 
 
 HELLO = protocol.encode({"type": "hello", "version": 1})

@@ -106,9 +106,13 @@ def tls_values(files, **extra):
 
 
 def die_with_parent():
-    # Runs in the child before exec: the kernel sends TERM when the process that started it
-    # dies, however it dies, so no program outlives its test, benchmark or demo.
+    """Runs in the child before exec: the kernel sends TERM when the process that started it
+    dies, however it dies, so no program outlives its test, benchmark or demo. A parent that
+    died between the fork and this call is too late for the kernel to tell: then end now."""
+    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
 
 
 class Program:
