@@ -8,6 +8,7 @@
 #   make deb-test  those packages installed in a clean bookworm container, suite run there
 #   make molecule  the Ansible rollout on an 8-container cluster, verified
 #   make demo   a whole network on one machine, watched with thor-monitor
+#   make demo-sip  SIP devices registering and calling through 3 sip_proxy nodes
 #   make bench  the benchmarks of bench/ (results go to docs/benchmarks.md by hand)
 
 SHELL := /bin/bash
@@ -16,13 +17,13 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 # What the suite needs from Debian: the bookworm stack the servers run on,
 # the tools to build the dev venv (psycopg2 compiles against libpq), Kamailio
-# (the SIP proxy the node's SIP health check and account cache are tested
-# against, http_client from kamailio-utils-modules), and the
-# PostgreSQL and PowerDNS that thor-dns is tested against.
+# with app_python3 (the SIP proxy of sip_proxy nodes, etc/kamailio/thor.cfg),
+# sipp (sip-tester: the SIP devices of the tests and benchmarks), and the
+# PostgreSQL and PowerDNS that thor-dns and NGNPro are tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
 	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis \
-	kamailio kamailio-utils-modules postgresql pdns-server pdns-backend-pgsql
+	kamailio kamailio-python3-modules sip-tester postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
 DEB_DIR := build/deb
@@ -30,7 +31,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo bench clean
+.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo demo-sip bench clean
 
 test: deps venv lint test-latest test-bookworm deb-test molecule
 
@@ -68,7 +69,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-BENCHES := eventserver membership dns lookup ngnpro
+BENCHES := eventserver membership dns lookup ngnpro sip
 
 bench: $(addprefix bench-,$(BENCHES))
 
@@ -106,6 +107,10 @@ molecule: deb venv
 
 demo: deps venv
 	$(VENV)/bin/python -m thor.cli.demo
+
+# SIP through the overlay: NGNPro, 3 sip_proxy nodes with Kamailio, sipp devices calling.
+demo-sip: deps venv
+	$(VENV)/bin/python -m thor.cli.demo_sip
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

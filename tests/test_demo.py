@@ -84,3 +84,18 @@ def test_no_program_outlives_a_demo_that_is_killed():
         demo.kill()
         demo.wait(10)
     wait_for(lambda: demo_processes(directory) == [], timeout=20, message="the demo's programs gone with it")
+
+
+def test_sip_demo_registers_and_calls_through_the_nodes():
+    result = subprocess.run(
+        [sys.executable, "-m", "thor.cli.demo_sip", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count(": registered") == 3
+    assert "behind NAT (Contact 192.168.1.50): registered" in result.stdout
+    assert len(re.findall(r"answered, set up in \d+ ms, crossed [12] Thor node", result.stdout)) == 2

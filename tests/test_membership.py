@@ -288,7 +288,7 @@ def test_monitor_live_view_needs_a_terminal(overlay):
 
 def test_sip_proxy_role_follows_kamailio(overlay, tmp_path):
     """The built-in SIP check against the real SIP proxy: OPTIONS answered -> announced; stopped -> withdrawn."""
-    kamailio = Kamailio(str(tmp_path), free_port())
+    kamailio = Kamailio(str(tmp_path), "127.0.0.11", ("127.0.0.11", free_port("127.0.0.11")))
     kamailio.start()
     try:
         overlay.start_eventservers(1)
@@ -297,7 +297,7 @@ def test_sip_proxy_role_follows_kamailio(overlay, tmp_path):
             "node1",
             "sip_proxy",
             "127.0.0.11",
-            checks=f"sip_proxy=sip:127.0.0.1:{kamailio.port}",
+            checks=f"sip_proxy=sip:127.0.0.11:{kamailio.port}",
             check_interval=0.2,
             check_timeout=0.3,
         )

@@ -17,7 +17,6 @@ from thor.accounts.protocol import ACCOUNTS_WANTED, accounts_topic
 from thor.events.topics import ForbiddenError, authorize_publish, authorize_subscribe
 from thor.identity import Identity
 from thor.lookup.table import LookupTable
-from thor.loopback.kamailio import Kamailio, register
 from thor.loopback.network import Overlay, Recorder, event_client, wait_status
 from thor.loopback.ngnpro import (
     DOMAIN,
@@ -224,48 +223,6 @@ def test_the_account_cache_interface_for_the_sip_proxy(network):
     finally:
         reader.close()
     assert "Traceback" not in node.log()
-
-
-def test_kamailio_authenticates_subscribers_with_the_node_cache(network, tmp_path):
-    """The whole path: SOAP -> PostgreSQL -> the owner node's cache -> Kamailio's digest check."""
-    network.start_nodes("node1")
-    node = network.nodes["node1"]
-    kamailio = Kamailio(str(tmp_path), free_port("127.0.0.1"), accounts=node.accounts)
-    kamailio.start()
-    try:
-        soap = network.client()
-        soap.addDomain(DOMAIN)
-        soap.addAccount(account("alice", "alices-password"))
-        wait_for(lambda: cached(node, f"alice@{DOMAIN}"), message="alice cached")
-        assert register(kamailio.port, "alice", DOMAIN, "alices-password") == (200, "OK")
-        assert register(kamailio.port, "alice", DOMAIN, "wrong-password")[0] == 401  # challenged again
-        assert register(kamailio.port, "mallory", DOMAIN, "any-password")[0] == 403
-        assert register(kamailio.port, "x/../alice", DOMAIN, "alices-password") == (403, "Not A Subscriber Address")
-        # alice's own credentials do not let her take bob's calls: the binding is saved under To.
-        assert register(kamailio.port, "alice", DOMAIN, "alices-password", to=f"bob@{DOMAIN}") == (
-            403,
-            "To Must Be The Authenticated Subscriber",
-        )
-        soap.changePassword({"username": "alice", "domain": DOMAIN}, "a-new-password")
-        wait_for(
-            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password")[0] == 200,
-            message="the new password accepted",
-        )
-        assert register(kamailio.port, "alice", DOMAIN, "alices-password")[0] == 401
-        soap.updateAccount({"id": {"username": "alice", "domain": DOMAIN}, "enabled": False})
-        wait_for(
-            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password") == (403, "Account Disabled"),
-            message="a disabled account refused",
-        )
-        soap.deleteAccount({"username": "alice", "domain": DOMAIN})
-        wait_for(
-            lambda: register(kamailio.port, "alice", DOMAIN, "a-new-password") == (403, "Unknown Subscriber"),
-            message="a deleted account refused",
-        )
-        node.stop()  # the cache gone: the proxy says so, and refuses nobody by mistake as unknown
-        assert register(kamailio.port, "alice", DOMAIN, "a-new-password") == (500, "Account Cache Unavailable")
-    finally:
-        kamailio.stop()
 
 
 def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):

@@ -5,6 +5,7 @@ A check is written kind:host:port (or none):
     tcp:127.0.0.1:443     a TCP connection is accepted
     sip:127.0.0.1:5060    a SIP OPTIONS over UDP gets any SIP response (Kamailio answers
                           even when its script refuses the request: it is alive)
+    ng:127.0.0.1:2223     rtpengine answers a ping of its control protocol (ng, bencode over UDP)
     none                  always up (roles with no local service to watch)
 """
 
@@ -17,6 +18,7 @@ import gevent
 from thor import roles
 from thor.datatypes import Datatype, Endpoint
 from thor.roles import RoleError, check_role_name
+from thor.transport import bencode
 
 __all__ = ["DEFAULT_CHECKS", "Check", "CheckList", "RoleHealth", "parse_check", "watch", "withdrawn_roles"]
 
@@ -25,12 +27,12 @@ DEFAULT_CHECKS = {
     roles.SIP_PROXY: "sip:127.0.0.1:5060",
     roles.VOICEMAIL_SERVER: "sip:127.0.0.1:5060",
     roles.XCAP_SERVER: "tcp:127.0.0.1:443",
-    roles.MEDIA_RELAY: "tcp:127.0.0.1:25060",
+    roles.MEDIA_RELAY: "ng:127.0.0.1:2223",
     roles.MSRP_RELAY: "tcp:127.0.0.1:2855",
     roles.PROVISIONING_SERVER: "tcp:127.0.0.1:9200",
 }
 
-KINDS = ("tcp", "sip", "none")
+KINDS = ("tcp", "sip", "ng", "none")
 
 
 class Check:
@@ -54,9 +56,28 @@ class Check:
             if self.kind == "tcp":
                 with socket.create_connection((self.host, self.port), timeout=timeout):
                     return True
+            if self.kind == "ng":
+                return self._ng_ping(timeout)
             return self._sip_options(timeout)
         except OSError:
             return False
+
+    def _ng_ping(self, timeout):
+        cookie = os.urandom(4).hex().encode()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect((self.host, self.port))
+            sock.send(cookie + b" " + bencode.encode({"command": "ping"}))
+            deadline = time.monotonic() + timeout
+            while True:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                head, _, body = sock.recv(65535).partition(b" ")
+                if head == cookie:
+                    try:
+                        return bencode.decode(body).get("result") == "pong"
+                    except (bencode.BencodeError, AttributeError):
+                        return False
 
     def _sip_options(self, timeout):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -94,7 +115,7 @@ def parse_check(text):
         return Check("none")
     kind, _, rest = text.partition(":")
     if kind not in KINDS or not rest:
-        raise ValueError(f"expected tcp:HOST:PORT, sip:HOST:PORT or none, not {text!r}")
+        raise ValueError(f"expected tcp:HOST:PORT, sip:HOST:PORT, ng:HOST:PORT or none, not {text!r}")
     host, port = Endpoint(0).parse(rest)
     if port == 0:
         raise ValueError(f"{text!r} lacks a port")
@@ -104,7 +125,7 @@ def parse_check(text):
 class CheckList(Datatype):
     """role=check, comma separated."""
 
-    expected = "role=check pairs, comma separated; a check is tcp:HOST:PORT, sip:HOST:PORT or none"
+    expected = "role=check pairs, comma separated; a check is tcp:HOST:PORT, sip:HOST:PORT, ng:HOST:PORT or none"
 
     def parse(self, text):
         checks = {}

@@ -1,7 +1,7 @@
 """The accounts a sip_proxy node is responsible for, cached from NGNPro (docs/provisioning.md).
 
 - Every committed change arrives on Thor.Provisioning; the node keeps those
-  whose key it owns on its sip_proxy ring (per key, the highest seq wins; a
+  whose key it owns on its sip_proxy ring, and every served domain (per key, the highest seq wins; a
   deletion stays as a tombstone for TOMBSTONE_SECONDS, so that an older
   change still on its way cannot bring the key back).
 - When the ring changes, the node drops the keys it no longer owns and, when
@@ -29,7 +29,7 @@ import gevent
 from gevent.event import Event
 
 from thor import roles
-from thor.accounts.protocol import ACCOUNTS_WANTED, KINDS, PROVISIONING, accounts_topic
+from thor.accounts.protocol import ACCOUNTS_WANTED, EVERYONE_KEEPS, KINDS, PROVISIONING, accounts_topic
 from thor.lookup.ring import InvalidKeyError, normalize_key
 from thor.transport.http import reply
 
@@ -84,7 +84,9 @@ class AccountCache:
         return ring is not None and ring.owner(key) == self.member.address
 
     def _ring_changed(self, old, new):
-        lost = [key for key in self.entries if not self._owns(key, new)]
+        lost = [
+            key for key, entry in self.entries.items() if entry.kind not in EVERYONE_KEEPS and not self._owns(key, new)
+        ]
         for key in lost:
             del self.entries[key]
         old_members, new_members = set(old.members(ROLE)), set(new.members(ROLE))
@@ -109,7 +111,9 @@ class AccountCache:
             return None
         if data is not None and not isinstance(data, dict):
             return None
-        if not self._owns(key):
+        if kind in EVERYONE_KEEPS:
+            key = key.lower()
+        elif not self._owns(key):
             return None
         current = self.entries.get(key)
         if current is None or current.seq < seq or current.stamp < replaces_before:
@@ -212,9 +216,14 @@ class AccountCache:
         aliases = sum(1 for entry in self.entries.values() if entry.kind == "alias" and entry.data is not None)
         return accounts, aliases
 
+    def serves(self, domain):
+        """Whether the domain is provisioned (every node knows every domain)."""
+        entry = self.entries.get(domain.lower())
+        return entry is not None and entry.kind == "domain" and entry.data is not None
+
     def get(self, key):
         entry = self.entries.get(key)
-        return None if entry is None or entry.data is None else entry
+        return None if entry is None or entry.data is None or entry.kind in EVERYONE_KEEPS else entry
 
 
 def accounts_application(cache):

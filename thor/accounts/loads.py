@@ -17,7 +17,7 @@ import gevent
 import gevent.lock
 
 from thor import roles
-from thor.accounts.protocol import ACCOUNTS_WANTED, accounts_topic, record_batches
+from thor.accounts.protocol import ACCOUNTS_WANTED, EVERYONE_KEEPS, accounts_topic, record_batches
 
 __all__ = ["AccountLoads"]
 
@@ -101,7 +101,7 @@ class AccountLoads:
                     change
                     for changes in snapshot
                     for change in changes
-                    if ring is not None and ring.owner(change["key"]) == address
+                    if change["kind"] in EVERYONE_KEEPS or (ring is not None and ring.owner(change["key"]) == address)
                 )
                 for batch in record_batches(owned, self.batch_size):
                     if held:

@@ -5,7 +5,8 @@
     Thor.Accounts.<name>    NGNPro -> that node: its accounts, {"request", "part", "records", "last"}
     Thor.Usage              a node -> NGNPro: what it does, for getStatistics (retained)
 
-A record is {"kind": "account" | "alias", "key": "user@domain", "seq": N, "data": {...} | None}.
+A record is {"kind": "account" | "alias", "key": "user@domain", "seq": N, "data": {...} | None}, or a
+served domain, {"kind": "domain", "key": "example.com", ...}, which every node keeps whatever it owns.
 Importing this module declares the topics' rules on the event bus
 (thor.events.topics.declare): the event server imports it to enforce them.
 """
@@ -18,6 +19,7 @@ from thor.events import topics
 __all__ = [
     "ACCOUNTS_PREFIX",
     "ACCOUNTS_WANTED",
+    "EVERYONE_KEEPS",
     "KINDS",
     "PROVISIONING",
     "USAGE",
@@ -31,7 +33,9 @@ ACCOUNTS_WANTED = "Thor.AccountsWanted"
 ACCOUNTS_PREFIX = "Thor.Accounts."
 USAGE = "Thor.Usage"
 
-KINDS = ("account", "alias")
+KINDS = ("account", "alias", "domain")
+# Records every node keeps, not only the owner of their key.
+EVERYONE_KEEPS = frozenset({"domain"})
 
 # Records per message: at most this many and about MAX_BATCH_BYTES of JSON, well inside
 # the event bus's frames (1 MiB) whatever the records hold.
@@ -84,14 +88,15 @@ def record_batches(records, max_records=MAX_BATCH_RECORDS, max_bytes=MAX_BATCH_B
         yield batch
 
 
-def usage_report(body):
-    """The fields getStatistics shows of a Thor.Usage body, or None when it is not one.
+def usage_report(body, fields=USAGE_FIELDS):
+    """The fields getStatistics shows of a Thor.Usage body (or another report of fields), or None
+    when it is not one.
 
     A member's report is its own word: a field of the wrong type is left out, not shown."""
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("address"), str):
         return None
     report = {"name": body["name"][:255], "address": body["address"][:64]}
-    for field, types in USAGE_FIELDS.items():
+    for field, types in fields.items():
         value = body.get(field)
         if isinstance(value, types) and not isinstance(value, bool) and abs(value) < 2**63:
             report[field] = value

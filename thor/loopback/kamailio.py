@@ -1,7 +1,9 @@
-"""Kamailio, the SIP proxy SIP Thor is tested with, as a real process on loopback,
-with the configuration we ship (etc/kamailio-thor.cfg, or thor-node's installed example);
-and a SIP client that registers with digest authentication."""
+"""Kamailio, the SIP proxy of sip_proxy nodes, as a real process on loopback with the
+configuration SIP Thor ships (etc/kamailio/thor.cfg, or the one thor-sip-proxy installs);
+and a SIP client that registers with digest authentication (for quick checks; sipp for
+load, thor.loopback.sipp)."""
 
+import contextlib
 import hashlib
 import os
 import re
@@ -10,64 +12,151 @@ import socket
 import subprocess
 
 from thor.health import Check
-from thor.loopback.process import PACKAGE_ROOT, exited, wait_for
+from thor.loopback.process import PACKAGE_ROOT, die_with_parent, exited, free_port, wait_for
 
-__all__ = ["CONFIG", "Kamailio", "register"]
+__all__ = ["CONFIG", "SCRIPT", "Kamailio", "invite", "register"]
 
-_NAME = "kamailio-thor.cfg"
-# The configuration we ship: a checkout's, or the one thor-node installs.
-CONFIG = next(
-    (
-        path
-        for path in (os.path.join(PACKAGE_ROOT, "etc", _NAME), f"/usr/share/doc/thor-node/examples/{_NAME}")
-        if os.path.exists(path)
-    ),
-    None,
-)
+
+def _shipped(name, installed):
+    """A file we ship: a checkout's etc/kamailio/NAME, or where the packages install it."""
+    return next(
+        (path for path in (os.path.join(PACKAGE_ROOT, "etc", "kamailio", name), installed) if os.path.exists(path)),
+        None,
+    )
+
+
+CONFIG = _shipped("thor.cfg", "/usr/share/thor/kamailio/thor.cfg")
+SCRIPT = _shipped("thor_kamailio.py", "/usr/share/thor/kamailio/thor_kamailio.py")
+# What every node of one network shares (tests only: the rollout makes one per network).
+TEST_SECRET = "loopback-test-secret-0123456789abcdef"
 
 
 class Kamailio:
-    def __init__(self, directory, port, accounts=("127.0.0.1", 9501)):
-        """accounts: where thor-node serves its account cache."""
-        self.directory = directory
+    """Kamailio for the node at address: SIP on address:port, thor-node's API at api."""
+
+    def __init__(self, directory, address, api, port=5060, secret=TEST_SECRET, children=2, media=None):
+        """media: thor-node's media relay endpoint ([Node] media_listen) for the rtpengine module."""
+        self.directory = os.path.join(str(directory), f"kamailio-{address}")
+        os.makedirs(self.directory, exist_ok=True)
+        self.address = address
         self.port = port
-        self.accounts = accounts
+        self.api = api
+        self.rpc = (address, free_port(address))
+        self.config = os.path.join(self.directory, "node.cfg")
+        with open(self.config, "w") as stream:
+            stream.write(
+                "#!KAMAILIO\n"
+                f'#!define THOR_ADDRESS "{address}"\n'
+                f"#!define THOR_SIP_PORT {port}\n"
+                f'#!define THOR_AUTH_SECRET "{secret}"\n'
+                f'#!define THOR_RPC "udp:{self.rpc[0]}:{self.rpc[1]}"\n'
+                f'#!define THOR_SCRIPT "{SCRIPT}"\n'
+                f"#!define THOR_CHILDREN {children}\n"
+                "#!define THOR_TCP_CHILDREN 2\n"
+                "#!define THOR_NO_LOOPBACK\n"  # several nodes on this one host
+                + (f'#!define THOR_MEDIA "udp:{media[0]}:{media[1]}"\n' if media else "")
+                + f'include_file "{CONFIG}"\n'
+            )
+        self.log_path = os.path.join(self.directory, "kamailio.log")
         self.process = None
 
-    def start(self):
-        log = open(os.path.join(self.directory, "kamailio.log"), "ab")  # noqa: SIM115 (as long as the process)
+    def start(self, timeout=10):
+        log = open(self.log_path, "ab")  # noqa: SIM115 (as long as the process)
         self.process = subprocess.Popen(
-            [
-                "kamailio",
-                "-DD",
-                "-E",
-                "-f",
-                CONFIG,
-                "-l",
-                f"udp:127.0.0.1:{self.port}",
-                "-A",
-                'THOR_ACCOUNTS="http://{}:{}/accounts/"'.format(*self.accounts),
-                "-n",
-                "1",  # one worker process is plenty for tests
-                "-P",
-                os.path.join(self.directory, "kamailio.pid"),
-                "-Y",
-                self.directory,
-            ],
+            ["kamailio", "-DD", "-E", "-f", self.config, "-P", os.path.join(self.directory, "kamailio.pid")],
             stdout=log,
             stderr=log,
+            env=dict(os.environ, THOR_API="{}:{}".format(*self.api)),
+            # Its own process group: Kamailio's workers are the main process's children, and a
+            # kill must reach them all (they would outlive a killed main process).
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 (one prctl call, safe between fork and exec)
         )
-        check = Check("sip", "127.0.0.1", self.port)
-        wait_for(lambda: check.probe(0.2), timeout=10, message="Kamailio answering OPTIONS")
+        check = Check("sip", self.address, self.port)
+
+        def answering():
+            if self.process.poll() is not None:
+                raise AssertionError(f"kamailio exited ({self.process.returncode}):\n{self.log()[-3000:]}")
+            return check.probe(0.2)
+
+        wait_for(answering, timeout=timeout, message=f"Kamailio on {self.address} answering OPTIONS")
 
     def stop(self):
+        """TERM (Kamailio stops its workers), then KILL to the whole group."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             exited(self.process, 10)
+        self.kill()
+
+    def kill(self):
+        """kill -9 of Kamailio and every worker of it."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            exited(self.process, 5)
 
     def log(self):
-        with open(os.path.join(self.directory, "kamailio.log"), errors="replace") as stream:
+        with open(self.log_path, errors="replace") as stream:
             return stream.read()
+
+
+def _digest(username, realm, password, method, uri, challenge):
+    """An Authorization / Proxy-Authorization value answering challenge (a header value)."""
+    fields = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
+    nonce = fields["nonce"]
+    ha1 = hashlib.md5(f"{username}:{realm}:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"{method}:{uri}".encode()).hexdigest()
+    value = f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
+    if "qop" in fields:
+        cnonce, count = os.urandom(8).hex(), "00000001"
+        response = hashlib.md5(f"{ha1}:{nonce}:{count}:{cnonce}:auth:{ha2}".encode()).hexdigest()
+        return value + f', qop=auth, nc={count}, cnonce="{cnonce}", response="{response}"'
+    return value + f', response="{hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()}"'
+
+
+def invite(port, caller, domain, password, callee, host="127.0.0.1", timeout=10.0, callee_domain=None):
+    """INVITE callee from caller through the proxy at host:port over UDP, answering one proxy
+    challenge; the final status (code, reason, headers). Every final answer is acknowledged
+    (a 2xx is then hung up)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        local_host, local_port = sock.getsockname()[:2]
+        tag, call_id = os.urandom(6).hex(), os.urandom(8).hex()
+        uri = f"sip:{callee}@{callee_domain or domain}"
+
+        def send(method, cseq, branch, extra=(), to_tag=""):
+            lines = [
+                f"{method} {uri} SIP/2.0",
+                f"Via: SIP/2.0/UDP {local_host}:{local_port};branch={branch};rport",
+                "Max-Forwards: 70",
+                f"From: <sip:{caller}@{domain}>;tag={tag}",
+                f"To: <{uri}>{to_tag}",
+                f"Call-ID: {call_id}",
+                f"CSeq: {cseq} {method}",
+                f"Contact: <sip:{caller}@{local_host}:{local_port}>",
+                *extra,
+            ]
+            sock.send(("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode())
+
+        def ack(cseq, branch, headers):
+            to_tag = headers.get("to", "").partition(">")[2]
+            send("ACK", cseq, branch, to_tag=to_tag)
+
+        branch = f"z9hG4bK{os.urandom(6).hex()}"
+        send("INVITE", 1, branch)
+        code, reason, headers = _final_response(sock)
+        if code == 407:
+            ack(1, branch, headers)
+            branch = f"z9hG4bK{os.urandom(6).hex()}"
+            authorization = _digest(caller, domain, password, "INVITE", uri, headers["proxy-authenticate"])
+            send("INVITE", 2, branch, [f"Proxy-Authorization: {authorization}"])
+            code, reason, headers = _final_response(sock)
+        if code < 300:  # not what the callers of this expect: hang up at once
+            ack(2, f"z9hG4bK{os.urandom(6).hex()}", headers)
+        else:
+            ack(2 if code != 407 else 1, branch, headers)
+        return code, reason, headers
 
 
 def register(port, username, domain, password, host="127.0.0.1", timeout=5.0, to=None):

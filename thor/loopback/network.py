@@ -106,15 +106,20 @@ class Overlay:
         return self.start(name, "thor.manager.main", roles.MANAGER, address, Manager=settings)
 
     def node(self, name, member_roles, address, checks=None, lookup=None, **settings):
-        """Start thor-node; its lookup interface and account cache listen on address and free ports
-        (program.lookup, program.accounts) unless lookup / settings say where."""
+        """Start thor-node; its lookup interface, account cache and peer API listen on address and free
+        ports (program.lookup, program.accounts, program.peers) unless lookup / settings say where."""
         roles_text = member_roles if isinstance(member_roles, str) else ",".join(member_roles)
-        node = {"accounts_listen": f"{address}:{free_port(address)}", **settings}
+        node = {
+            "accounts_listen": f"{address}:{free_port(address)}",
+            "peer_listen": f"{address}:{free_port(address)}",
+            **settings,
+        }
         node["checks"] = checks if checks is not None else ", ".join(f"{r}=none" for r in roles_text.split(","))
         lookup = {"listen": f"{address}:{free_port(address)}", **(lookup or {})}
         program = self.start(name, "thor.node.main", roles_text, address, Node=node, Lookup=lookup)
         program.lookup = _endpoint(lookup["listen"])
         program.accounts = _endpoint(node["accounts_listen"])
+        program.peers = _endpoint(node["peer_listen"])
         return program
 
     def observer(self, name="observer"):

@@ -14,8 +14,10 @@ import zeep.exceptions
 import zeep.transports
 
 from thor.lookup.table import LookupTable
+from thor.loopback.kamailio import Kamailio
 from thor.loopback.network import Overlay, wait_status
 from thor.loopback.process import free_port, wait_for
+from thor.loopback.sipp import Sipp
 
 __all__ = [
     "DOMAIN",
@@ -24,6 +26,7 @@ __all__ = [
     "PASSWORD",
     "CacheReader",
     "Network",
+    "SipNetwork",
     "Soap",
     "account",
     "cached",
@@ -37,17 +40,18 @@ DOMAIN = "example.com"
 PASSWORD = "provisioning-secret"
 NGNPRO_ADDRESS = "127.0.4.1"
 NODE_ADDRESSES = {f"node{index}": f"127.0.4.{10 + index}" for index in range(1, 6)}
+NODES = tuple(NODE_ADDRESSES)
 
 
 class Network:
     """PostgreSQL, 2 event servers, a manager, thor-database, ngnpro and sip_proxy nodes."""
 
-    def __init__(self, directory, pki, postgresql):
+    def __init__(self, directory, pki, postgresql, **eventserver_settings):
         self.overlay = Overlay(directory, pki)
         self.postgresql = postgresql
         self.pki = pki
         postgresql.create_database("thor")
-        self.overlay.start_eventservers(2)
+        self.overlay.start_eventservers(2, **eventserver_settings)
         self.overlay.manager("manager1")
         self.overlay.start(
             "database1",
@@ -148,6 +152,16 @@ def account(username, password="a-good-password", **fields):
     return {"id": {"username": username, "domain": DOMAIN}, "password": password, **fields}
 
 
+def password(user):
+    """The password the harness gives a SIP subscriber."""
+    return f"password-of-{user}"
+
+
+def subscribers(users):
+    """sipp -inf rows of users: (user, domain, password)."""
+    return [[user, DOMAIN, password(user)] for user in users]
+
+
 def ha1(username, password, domain=DOMAIN):
     return hashlib.md5(f"{username}:{domain}:{password}".encode()).hexdigest()
 
@@ -184,3 +198,77 @@ def owner(network, key):
 
 def node_at(network, address):
     return next(node for name, node in network.nodes.items() if NODE_ADDRESSES[name] == address)
+
+
+class SipNetwork(Network):
+    """The NGNPro network whose sip_proxy nodes run Kamailio with SIP Thor's configuration."""
+
+    def __init__(self, directory, pki, postgresql, children=2, health_checks=True, **eventserver_settings):
+        """health_checks False: the nodes announce sip_proxy whatever their Kamailio does."""
+        super().__init__(directory, pki, postgresql, **eventserver_settings)
+        self.directory = str(directory)
+        self.children = children
+        self.health_checks = health_checks
+        self.kamailios = {}
+
+    def start_node(self, name):
+        address = NODE_ADDRESSES[name]
+        api, media = (address, free_port(address)), (address, free_port(address))
+        kamailio = Kamailio(self.directory, address, api, children=self.children, media=media)
+        self.kamailios[name] = kamailio
+        self.nodes[name] = self.overlay.node(
+            name,
+            "sip_proxy",
+            address,
+            usage_interval=0.5,
+            checks=f"sip_proxy=sip:{address}:5060" if self.health_checks else "sip_proxy=none",
+            check_interval=0.2,
+            accounts_listen=f"{address}:{api[1]}",
+            kamailio_rpc="{}:{}".format(*kamailio.rpc),
+            media_listen="{}:{}".format(*media),
+            **self.node_settings(name),
+        )
+        kamailio.start()
+        return self.nodes[name]
+
+    def devices(self, name, rows, via, port=None, contact_host=None, transport="u1"):
+        """sipp devices of rows (user, domain, password) at 127.0.5.x talking to node via:
+        registered (every one, or an AssertionError), then answering calls; the answering Sipp."""
+        address = f"127.0.5.{NODES.index(via) + 1 if via in NODES else 9}"
+        port = port or free_port(address)
+        keys = {"contact_host": contact_host} if contact_host else None
+        registration = Sipp(
+            self.directory,
+            f"{name}-register",
+            "register",
+            (address, port),
+            rows,
+            (NODE_ADDRESSES[via], 5060),
+            transport,
+            keys,
+        )
+        result = registration.run(len(rows), rate=50, timeout=30)
+        assert (result.successful, result.failed) == (len(rows), 0), result.errors
+        return self.answering(name, (address, port), transport)
+
+    def answering(self, name, local, transport="u1"):
+        """A sipp answering every call at local (address, port)."""
+        return Sipp(self.directory, name, "answer", local, transport=transport).start()
+
+    def calls(self, name, rows, edge, address):
+        """Place the calls of rows (caller, domain, password, callee) through edge; the sipp result."""
+        caller = Sipp(self.directory, name, "call", (address, free_port(address)), rows, (NODE_ADDRESSES[edge], 5060))
+        return caller.run(len(rows), timeout=30)
+
+    def node_settings(self, name):
+        """More [Node] settings of node name (a subclass's)."""
+        return {}
+
+    def stop_node(self, name):
+        super().stop_node(name)
+        self.kamailios.pop(name).stop()
+
+    def close(self):
+        for kamailio in self.kamailios.values():
+            kamailio.stop()
+        super().close()

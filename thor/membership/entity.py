@@ -3,7 +3,7 @@
     {"name": "node1", "address": "192.0.2.21", "roles": ["sip_proxy"],
      "version": "0.1.0", "status": "ok", "since": 1764048000.0,
      "attributes": {"control_port": 25060},
-     "withdrawn": {"media_relay": "tcp:127.0.0.1:25060 does not answer"}}
+     "withdrawn": {"media_relay": "health check ng:127.0.0.1:2223 does not answer"}}
 
 name and roles are checked against the certificate by the event server; the
 rest is checked here by whoever consumes presence (the manager). attributes

@@ -14,9 +14,10 @@ import time
 import gevent
 
 from thor.daemon import StartupError, run
-from thor.events.topics import CONNECTIONS
+from thor.events.topics import CONNECTIONS, STATISTICS
 from thor.membership.program import MemberDaemon
 from thor.monitor.report import EX_UNMET, parse_expectation, snapshot_lines, unmet_expectations
+from thor.sip.media import relay_report
 
 EX_NO_STATUS = 1
 
@@ -50,10 +51,17 @@ class MonitorDaemon(MemberDaemon):
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
         self.client.subscribe(CONNECTIONS, self._on_connection)
+        self.relays = {}
+        self.client.subscribe(STATISTICS, self._on_statistics)
         if self.options.once:
             gevent.spawn(self._once)
         else:
             self._screen = gevent.spawn(self._live)
+
+    def _on_statistics(self, message):
+        report = relay_report(message.body)
+        if report is not None and (report["name"] in self.relays or len(self.relays) < 10000):
+            self.relays[report["name"]] = report
 
     def _on_connection(self, message):
         body = message.body
@@ -73,6 +81,8 @@ class MonitorDaemon(MemberDaemon):
         status = self.member.status.wait(
             lambda status: status.version > 0 and not unmet_expectations(status, expected), timeout=self.options.wait
         )
+        # What the servers retain (the relays' statistics) has reached us once they answer a ping.
+        self.client.sync(timeout=2)
         if status is None and self.member.status.status.version > 0:
             status = self.member.status.status
             problems = unmet_expectations(status, expected)
@@ -88,7 +98,7 @@ class MonitorDaemon(MemberDaemon):
         if self.options.json:
             print(json.dumps(status.to_json(), indent=2, sort_keys=True))
         else:
-            print("\n".join(snapshot_lines(status)))
+            print("\n".join(snapshot_lines(status, relays=self.relays)))
         sys.stdout.flush()
         self.finish(0)
 
@@ -120,7 +130,7 @@ class MonitorDaemon(MemberDaemon):
         servers = ", ".join(self.client.connected_servers) or "none"
         lines = [f"SIP Thor monitor  event servers: {servers}  (q quits)", ""]
         if status.version:
-            lines.extend(snapshot_lines(status))
+            lines.extend(snapshot_lines(status, relays=self.relays))
         else:
             lines.append("waiting for the network status ...")
         lines.extend(["", "RECENT EVENTS"])

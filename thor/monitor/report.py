@@ -21,8 +21,9 @@ def format_age(seconds):
     return f"{seconds / 3600:.1f}h"
 
 
-def snapshot_lines(status, now=None):
-    """The network status as plain text lines (also the top of the live view)."""
+def snapshot_lines(status, now=None, relays=None):
+    """The network status as plain text lines (also the top of the live view); relays: the live
+    media relays' latest Thor.Statistics, by name."""
     now = now or time.time()
     lines = [
         f"network status v{status.version} by {status.manager}, published {format_age(now - status.published)} ago, "
@@ -50,6 +51,16 @@ def snapshot_lines(status, now=None):
         lines.append("")
         lines.append("WITHDRAWN (the service behind the role fails its health check)")
         lines.extend(f"{name:<24} {role:<20} {reason}" for name, role, reason in withdrawn)
+    live_relays = sorted(name for name in (relays or {}) if name in status.members)
+    if live_relays:
+        lines.append("")
+        lines.append(f"{'MEDIA RELAY':<24} {'SESSIONS':>8} {'PACKETS/S':>10} {'BYTES/S':>12} {'RELAYED PACKETS':>16}")
+        for name in live_relays:
+            report = relays[name]
+            lines.append(
+                f"{name:<24} {report.get('sessions', '-'):>8} {report.get('packets_per_s', '-'):>10} "
+                f"{report.get('bytes_per_s', '-'):>12} {report.get('relayed_packets', '-'):>16}"
+            )
     return lines
 
 

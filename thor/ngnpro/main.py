@@ -23,12 +23,14 @@ from thor.accounts.loads import AccountLoads
 from thor.accounts.protocol import USAGE, usage_report
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, run
+from thor.events.topics import STATISTICS
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
 from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
 from thor.ngnpro.provisioning import Provisioning
 from thor.ngnpro.soap import wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
+from thor.sip.media import relay_report
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
@@ -55,12 +57,19 @@ class NGNProDaemon(MemberDaemon):
         settings = self.config[NGNProConfig]
         tls = self.config[TLSConfig]
         self.usage = {}
+        self.relays = {}  # media relays' Thor.Statistics, per name
         self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
         self.store = Store(
             self._database_dsn, pool_size=settings.pool_size, statement_timeout=settings.statement_timeout
         )
         self.provisioning = Provisioning(
-            self.store, self.client, lambda: self.member.status.status, settings.username, settings.password, self.usage
+            self.store,
+            self.client,
+            lambda: self.member.status.status,
+            settings.username,
+            settings.password,
+            self.usage,
+            self.relays,
         )
         self.loads = AccountLoads(
             self.client,
@@ -74,6 +83,7 @@ class NGNProDaemon(MemberDaemon):
         )
         self.loads.start()
         self.client.subscribe(USAGE, self._usage)
+        self.client.subscribe(STATISTICS, self._relay_statistics)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -126,9 +136,15 @@ class NGNProDaemon(MemberDaemon):
         return bool(servers) and min(servers)[1] == self.identity.name
 
     def _usage(self, message):
-        report = usage_report(message.body)
-        if report is not None and (report["name"] in self.usage or len(self.usage) < MAX_NODES):
-            self.usage[report["name"]] = (time.time(), report)
+        self._keep(self.usage, usage_report(message.body))
+
+    def _relay_statistics(self, message):
+        self._keep(self.relays, relay_report(message.body))
+
+    @staticmethod
+    def _keep(reports, report):
+        if report is not None and (report["name"] in reports or len(reports) < MAX_NODES):
+            reports[report["name"]] = (time.time(), report)
 
 
 def main(argv=None):

@@ -31,14 +31,16 @@ MAX_OFFSET = 2**31 - 1
 
 
 class Provisioning:
-    def __init__(self, store, client, status_source, username, password, usage=None):
-        """status_source(): the current NetworkStatus; usage: node name -> its latest Thor.Usage body."""
+    def __init__(self, store, client, status_source, username, password, usage=None, relays=None):
+        """status_source(): the current NetworkStatus; usage: node name -> (when, its latest Thor.Usage
+        report); relays: the same of media relays' Thor.Statistics."""
         self.store = store
         self.client = client
         self.status_source = status_source
         self._username = username.encode()
         self._password = password.encode()
         self.usage = usage if usage is not None else {}
+        self.relays = relays if relays is not None else {}
         self.unpublished = 0
 
     def authenticate(self, username, password):
@@ -57,10 +59,10 @@ class Provisioning:
     # SipPort
 
     def add_domain(self, domain):
-        self.store.add_domain(check_domain(domain))
+        self._publish(self.store.add_domain(check_domain(domain)))
 
     def delete_domain(self, domain):
-        self.store.delete_domain(check_domain(domain))
+        self._publish(self.store.delete_domain(check_domain(domain)))
 
     def domains(self):
         return self.store.domains()
@@ -138,10 +140,14 @@ class Provisioning:
         }
 
     def statistics(self):
+        """Per live member that reported in the last hour: its usage (nodes) and relay load (media relays)."""
         live = set(self.status_source().members)
         now = time.time()
-        return [
-            {**usage, "updated": received}
-            for name, (received, usage) in sorted(self.usage.items())
-            if name in live and now - received < 3600
-        ]
+        merged = {}
+        for reports in (self.usage, self.relays):
+            for name, (received, report) in reports.items():
+                if name in live and now - received < 3600:
+                    entry = merged.setdefault(name, {"updated": received})
+                    entry.update(report)
+                    entry["updated"] = max(entry["updated"], received)
+        return [merged[name] for name in sorted(merged)]

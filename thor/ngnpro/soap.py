@@ -99,6 +99,11 @@ class NodeStatistics(ComplexModel):
     lookups = Long
     lookupConnections = Integer
     loadAverage = Double
+    # Media relays (Thor.Statistics): calls relayed now, packets and bytes per second, packets in all.
+    sessions = Integer
+    packetsPerSecond = Long
+    bytesPerSecond = Long
+    relayedPackets = Long
 
 
 def _call(ctx, operation, *args):
@@ -250,6 +255,10 @@ class NetworkPort(ServiceBase):
                 lookups=usage.get("lookups"),
                 lookupConnections=usage.get("lookup_connections"),
                 loadAverage=usage.get("load_average"),
+                sessions=usage.get("sessions"),
+                packetsPerSecond=usage.get("packets_per_s"),
+                bytesPerSecond=usage.get("bytes_per_s"),
+                relayedPackets=usage.get("relayed_packets"),
             )
             for usage in _call(ctx, "statistics")
         ]

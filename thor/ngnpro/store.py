@@ -3,7 +3,9 @@
 Every operation is one transaction; it returns only after COMMIT, with the
 changes it made. A change is what nodes cache:
 
-    {"kind": "account" | "alias", "key": "alice@example.com", "seq": 1042, "data": {...} | None}
+    {"kind": "account" | "alias" | "domain", "key": "alice@example.com", "seq": 1042, "data": {...} | None}
+
+(a domain's key is the domain, and every node keeps every domain.)
 
 seq comes from one sequence for every change, so a node keeps, per key, the
 change with the highest seq; data None is a deletion. The schema is created
@@ -64,6 +66,10 @@ MIGRATIONS = [
     """
     CREATE INDEX ngnpro_accounts_by_domain ON ngnpro_accounts (domain, username);
     CREATE INDEX ngnpro_aliases_by_domain ON ngnpro_aliases (domain, username);
+    """,
+    # 3: domains are changes too (every node keeps the domains served, to refuse the others).
+    """
+    ALTER TABLE ngnpro_domains ADD COLUMN seq bigint NOT NULL DEFAULT nextval('ngnpro_changes');
     """,
 ]
 
@@ -198,10 +204,15 @@ class Store:
 
     def add_domain(self, domain):
         with self.transaction() as cursor:
-            cursor.execute("INSERT INTO ngnpro_domains (name) VALUES (%s) ON CONFLICT DO NOTHING", (domain,))
-            if cursor.rowcount == 0:
+            cursor.execute(
+                "INSERT INTO ngnpro_domains (name, seq) VALUES (%s, nextval('ngnpro_changes')) "
+                "ON CONFLICT DO NOTHING RETURNING seq",
+                (domain,),
+            )
+            row = cursor.fetchone()
+            if row is None:
                 raise ConflictError(f"domain {domain} exists")
-        return []
+        return [_domain_change(domain, row[0], present=True)]
 
     def delete_domain(self, domain):
         with self.transaction() as cursor:
@@ -211,10 +222,11 @@ class Store:
             cursor.execute("SELECT count(*) FROM ngnpro_aliases WHERE domain = %s", (domain,))
             if cursor.fetchone()[0]:
                 raise ConflictError(f"domain {domain} still has aliases; delete them first")
-            cursor.execute("DELETE FROM ngnpro_domains WHERE name = %s", (domain,))
-            if cursor.rowcount == 0:
+            cursor.execute("DELETE FROM ngnpro_domains WHERE name = %s RETURNING nextval('ngnpro_changes')", (domain,))
+            row = cursor.fetchone()
+            if row is None:
                 raise NotFoundError(f"domain {domain} does not exist")
-        return []
+        return [_domain_change(domain, row[0], present=False)]
 
     def domains(self):
         with self.transaction() as cursor:
@@ -329,9 +341,13 @@ class Store:
     # What nodes load
 
     def snapshot(self, batch=2000):
-        """Every account and alias as changes, read in one consistent snapshot, in batches (a generator)."""
+        """Every domain, account and alias as changes, read in one consistent snapshot, in batches (a generator)."""
         with self.transaction() as cursor:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cursor.execute("SELECT name, seq FROM ngnpro_domains ORDER BY name")
+            domains = [_domain_change(name, seq, present=True) for name, seq in cursor.fetchall()]
+            for start in range(0, len(domains), batch):
+                yield domains[start : start + batch]
             yield from _pages(cursor, f"SELECT {ACCOUNT_COLUMNS}, seq FROM ngnpro_accounts", batch, _account_change)
             aliases = "SELECT username, domain, target_username, target_domain, seq FROM ngnpro_aliases"
             yield from _pages(cursor, aliases, batch, lambda row: _alias_change(*row))
@@ -392,6 +408,10 @@ def _roll_back(connection):
             connection.rollback()
         except psycopg2.Error:
             connection.close()
+
+
+def _domain_change(domain, seq, present):
+    return {"kind": "domain", "key": domain, "seq": seq, "data": {} if present else None}
 
 
 def _account_change(row):

@@ -3,7 +3,7 @@
 import ipaddress
 
 from thor.config import Section, Setting
-from thor.datatypes import Endpoint, Float, Integer, NameList
+from thor.datatypes import Endpoint, Float, Integer, NameList, String
 from thor.health import CheckList
 
 
@@ -19,9 +19,9 @@ class NodeConfig(Section):
         CheckList(),
         "",
         "Health check per role, role=check, comma separated; a check is tcp:HOST:PORT, "
-        "sip:HOST:PORT (SIP OPTIONS over UDP) or none. Roles not listed use the built-in "
-        "default (sip_proxy=sip:127.0.0.1:5060, xcap_server=tcp:127.0.0.1:443, "
-        "media_relay=tcp:127.0.0.1:25060, ...) or none for third-party roles.",
+        "sip:HOST:PORT (SIP OPTIONS over UDP), ng:HOST:PORT (an rtpengine ping) or none. Roles not "
+        "listed use the built-in default (sip_proxy=sip:127.0.0.1:5060, media_relay=ng:127.0.0.1:2223, "
+        "xcap_server=tcp:127.0.0.1:443, ...) or none for third-party roles.",
     )
     check_interval = Setting(Float(0.1, 3600), "1", "Seconds between health checks of each role.")
     check_timeout = Setting(Float(0.05, 60), "1", "Seconds a service has to answer a health check.")
@@ -40,6 +40,46 @@ class NodeConfig(Section):
         "server was reachable is never missing for longer).",
     )
     usage_interval = Setting(Float(0.1, 3600), "10", "Seconds between the usage reports NGNPro collects.")
+    peer_listen = Setting(
+        Endpoint(9502),
+        "0.0.0.0:9502",
+        "sip_proxy nodes: where other sip_proxy nodes consult this one about the subscribers it is home "
+        "for (mutual TLS, sip_proxy certificates only; docs/sip.md). Its port is announced to them.",
+    )
+    peer_timeout = Setting(
+        Float(0.05, 10),
+        "1",
+        "Seconds a home node has to answer; beyond, the SIP proxy tells the device to retry (503, Retry-After).",
+    )
+    site = Setting(
+        String(),
+        "",
+        "The site (facility, region) of this node, announced with its roles: calls whose caller talks "
+        "to this node prefer media relays of the same site (docs/sip.md). Empty: no preference.",
+    )
+    media_listen = Setting(
+        Endpoint(2230),
+        "127.0.0.1:2230",
+        "sip_proxy nodes: where the SIP proxy's rtpengine module sends media relay commands (ng, UDP); "
+        "thor-node picks the relay of each call among the live media_relay members. Keep it on loopback.",
+    )
+    rtpengine = Setting(
+        Endpoint(2223),
+        "127.0.0.1:2223",
+        "media_relay nodes: rtpengine's control port (ng, UDP) on this host; commands from sip_proxy nodes "
+        "reach it through the peer API (mutual TLS), never from the network directly.",
+    )
+    statistics_interval = Setting(
+        Float(0.1, 3600),
+        "10",
+        "media_relay nodes: seconds between the relay statistics published on Thor.Statistics.",
+    )
+    kamailio_rpc = Setting(
+        Endpoint(5064),
+        "127.0.0.1:5064",
+        "Where the SIP proxy beside this node answers JSON-RPC (Kamailio's jsonrpcs, UDP), for the bindings "
+        "of the subscribers this node is home for.",
+    )
 
     @property
     def accounts_on_loopback(self):

@@ -16,6 +16,7 @@ from thor.accounts.cache import AccountCache, accounts_application
 from thor.accounts.protocol import USAGE
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, raise_file_limit, run
+from thor.events.topics import STATISTICS
 from thor.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch, withdrawn_roles
 from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
@@ -23,6 +24,11 @@ from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
 from thor.node.config import NodeConfig
 from thor.roles import INFRASTRUCTURE_ROLES
+from thor.sip.api import sip_application
+from thor.sip.location import KamailioRPC
+from thor.sip.media import MediaProxy, RelayChooser, RelayControl
+from thor.sip.peers import PeerClient, PeerServer
+from thor.sip.service import SipService
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
@@ -90,10 +96,14 @@ class NodeDaemon(MemberDaemon):
         self.rings.start()
         settings = self.config[NodeConfig]
         self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
+        application = accounts_application(self.accounts)
+        self.sip = self.media = self.relay = self.peers = self.peer_server = None
+        if self.identity.roles & {roles.SIP_PROXY, roles.MEDIA_RELAY}:
+            application = self._start_peers(settings, application)
         try:
             self.accounts_server = HTTPServer(
                 settings.accounts_listen,
-                accounts_application(self.accounts),
+                application,
                 logging.getLogger("thor.node.accounts"),
                 max_connections=ACCOUNTS_MAX_CONNECTIONS,
                 idle_timeout=lookup.idle_timeout,
@@ -117,10 +127,77 @@ class NodeDaemon(MemberDaemon):
             for health in self.health.values()
         ]
         self._checkers.append(gevent.spawn(self._report_usage, settings.usage_interval))
+        if self.relay is not None:
+            self._checkers.append(gevent.spawn(self._report_relay, settings.statistics_interval))
+
+    def _start_peers(self, settings, accounts):
+        """What other nodes ask this one (the peer API), and what the SIP proxy asks (/sip/ beside
+        /accounts, the media relays of its calls)."""
+        self.peers = PeerClient(self.tls, timeout=settings.peer_timeout)
+        if roles.SIP_PROXY in self.identity.roles:
+            kamailio = KamailioRPC(settings.kamailio_rpc, timeout=settings.peer_timeout / 2)
+            self.sip = SipService(
+                self.member.address, self.rings, self.member.status, self.accounts, self.peers, kamailio
+            )
+            chooser = RelayChooser(self.member.status, settings.site)
+            self.media = MediaProxy(settings.media_listen, chooser, self.peers, self.identity.name)
+            self._listen(self.media, "media_listen", settings.media_listen)
+        if roles.MEDIA_RELAY in self.identity.roles:
+            self.relay = RelayControl(settings.rtpengine, timeout=settings.peer_timeout / 2)
+        self.peer_server = PeerServer(settings.peer_listen, self.tls, self._peer_request)
+        self._listen(self.peer_server, "peer_listen", settings.peer_listen)
+        if self.sip is None:
+            return accounts
+        sip = sip_application(self.sip)
+
+        def application(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            return (sip if path.startswith("/sip/") else accounts)(environ, start_response)
+
+        return application
+
+    @staticmethod
+    def _listen(server, setting, where):
+        try:
+            server.start()
+        except OSError as problem:
+            raise StartupError(f"[Node] {setting} = {format_address(where)}: {problem.strerror or problem}") from None
+
+    def _peer_request(self, identity, request):
+        if request.get("op") == "ng":
+            if self.relay is None:
+                return {"result": "error", "reason": "this node is no media relay"}
+            return self.relay.respond(request)
+        if self.sip is None:
+            return {"result": "error", "reason": "this node is no sip_proxy"}
+        return self.sip.respond(identity, request)
+
+    def _report_relay(self, interval):
+        """A media relay's load on Thor.Statistics (retained): sessions and rates, as the original's
+        media relays published them."""
+        while True:
+            statistics = self.relay.statistics()
+            if statistics is not None:
+                self.client.publish(
+                    STATISTICS, {"name": self.identity.name, "address": self.member.address, **statistics}, retain=True
+                )
+            gevent.sleep(interval)
+
+    def attributes(self):
+        settings = self.config[NodeConfig]
+        attributes = {"site": settings.site} if settings.site else {}
+        if self.identity.roles & {roles.SIP_PROXY, roles.MEDIA_RELAY}:  # where other nodes consult this one
+            attributes["peer_port"] = settings.peer_listen[1]
+        return attributes
 
     def teardown(self):
         gevent.killall(self._checkers, block=False)
         self.lookup_server.stop()
+        for server in (self.media, self.peer_server):
+            if server is not None:
+                server.stop()
+        if self.peers is not None:
+            self.peers.close()
         self.accounts_server.stop()
         self.accounts.stop()
         self.rings.stop()

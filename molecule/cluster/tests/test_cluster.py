@@ -7,9 +7,11 @@ backend and the docker CLI (they are the project's own test hosts).
 import contextlib
 import json
 import os
+import random
 import shlex
 import subprocess
 
+import dns.resolver
 import pytest
 import requests
 import testinfra
@@ -19,7 +21,8 @@ import zeep.transports
 
 from thor.lookup.client import LookupClient
 from thor.loopback.kamailio import register
-from thor.loopback.process import wait_for
+from thor.loopback.process import free_port, wait_for
+from thor.loopback.sipp import Sipp, thor_vias_of_invites
 
 DOMAIN = "molecule.sipthor.test"
 NETWORK = "thor-molecule"
@@ -31,14 +34,10 @@ PROGRAMS = {
     "thor3": {"thor-eventserver", "thor-manager"},
     "ns1": {"pdns", "thor-dns", "thor-database", "ngnpro"},
     "ns2": {"pdns", "thor-dns"},
-    "node1": {"thor-node"},
-    "node2": {"thor-node"},
-    "node3": {"thor-node"},
+    "node1": {"thor-node", "kamailio"},
+    "node2": {"thor-node", "kamailio"},
+    "node3": {"thor-node", "kamailio"},
 }
-
-
-# How molecule/cluster/prepare.yml starts the SIP proxy beside each node.
-KAMAILIO_START = "kamailio -f /etc/kamailio/kamailio-thor.cfg -P /run/kamailio.pid"
 
 
 def host(name):
@@ -149,16 +148,17 @@ def run_playbook(name, *extra):
 
 def test_the_rollout_verification_names_a_withdrawn_role_and_its_check():
     node3 = host("node3")
-    assert node3.run("pkill -x kamailio").rc == 0
+    assert node3.run("supervisorctl stop kamailio").rc == 0
     try:
         status_where(lambda s: "node3" not in s["roles"].get("sip_proxy", []), 30, "node3 withdrew sip_proxy")
+        wait_for(lambda: "node3" not in srv_targets(), 30, message="node3 out of the SRV answers")
         result = run_playbook("verify.yml", "-e", "thor_verify_timeout=2")
         assert result.returncode != 0
         # Ansible prints a failed task's message on stderr.
         report = result.stdout + result.stderr
         assert "node3: sip_proxy withdrawn: health check sip:127.0.0.1:5060 does not answer" in report
     finally:
-        node3.run(KAMAILIO_START)
+        assert node3.run("supervisorctl start kamailio").rc == 0
     status_where(lambda s: "node3" in s["roles"].get("sip_proxy", []), 30, "node3 a sip_proxy again")
     result = run_playbook("verify.yml")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -256,7 +256,9 @@ def cached_on(node, key):
     return json.loads(result.stdout) if result.stdout.strip() else None
 
 
-def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
+def ngnpro():
+    """(the zeep client of thor2's NGNPro, its SipPort, the admin login), once it serves and has
+    its domain."""
     session = requests.Session()
     session.verify = os.path.join(os.environ["THOR_MOLECULE_PKI"], "ca.crt")
     session.trust_env = False
@@ -266,6 +268,11 @@ def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
     login = client.get_element("{urn:AGProjects:NGNPro}Login")(username="admin", password="molecule-only-password")
     sip = client.bind("SipPort", "SipPort")
     wait_for(lambda: _provisioned(sip, login), 60, interval=1, message="the domain added (database reachable)")
+    return client, sip, login
+
+
+def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
+    client, sip, login = ngnpro()
     keys = [f"user{index}@{DOMAIN}" for index in range(20)]
     for key in keys:
         account = {"id": {"username": key.split("@")[0], "domain": DOMAIN}, "password": "molecule-password"}
@@ -280,7 +287,7 @@ def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
         assert all(cached_on(node, key) is None for node in ADDRESSES if node != owner)
     statistics = client.bind("NetworkPort", "NetworkPort").getStatistics(_soapheaders=[login])
     assert {node.name for node in statistics} == set(ADDRESSES)
-    # The SIP proxy beside the owner authenticates the subscriber with the cache; the others do not hold it.
+    # Any node's SIP proxy takes the subscriber's REGISTER to its home node, which checks it with its cache.
     for key, address in list(zip(keys, owners, strict=True))[:3]:
         username = key.split("@")[0]
         assert register(5060, username, DOMAIN, "molecule-password", host=address) == (200, "OK")
@@ -291,7 +298,7 @@ def test_ngnpro_provisions_over_soap_and_the_owner_node_caches_it():
             "To Must Be The Authenticated Subscriber",
         )
         other = next(a for a in ADDRESSES.values() if a != address)
-        assert register(5060, username, DOMAIN, "molecule-password", host=other) == (403, "Unknown Subscriber")
+        assert register(5060, username, DOMAIN, "molecule-password", host=other) == (200, "OK")
 
 
 def _serves(session, url):
@@ -319,6 +326,125 @@ def _provisioned(sip, login):
             return False
         raise
     return True
+
+
+# -- SIP over the overlay: the controller's sipp devices on the cluster's network -----------
+
+SIP_USERS = [f"sip{index}" for index in range(100)]
+SIP_PASSWORD = "molecule-sip-password"
+# The controller on the cluster's Docker network (its gateway): where the devices run.
+CONTROLLER = "172.30.0.1"
+
+
+def sip_network():
+    """thor2's NGNPro, once it serves; the subscribers provisioned."""
+    _, sip, login = ngnpro()
+    for user in SIP_USERS:
+        with _existing_is_fine():
+            account = {"id": {"username": user, "domain": DOMAIN}, "password": SIP_PASSWORD}
+            sip.addAccount(account, _soapheaders=[login])
+
+
+def rfc3263_node():
+    """The node a device would use: NAPTR, SRV and A records as PowerDNS on ns1 answers them."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["172.30.0.53"]
+    resolver.lifetime = 5
+    naptr = {record.service.decode(): record for record in resolver.resolve(DOMAIN, "NAPTR")}
+    srv = random.choice(list(resolver.resolve(naptr["SIP+D2U"].replacement, "SRV")))
+    return resolver.resolve(srv.target, "A")[0].to_text()
+
+
+def location_on(node, aor):
+    """What a node's thor-node answers for aor's devices (it asks aor's home node): the HTTP status."""
+    script = (
+        "import urllib.error, urllib.request\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "try:\n"
+        f"    print(opener.open('http://127.0.0.1:9501/sip/location/{aor}', timeout=5).status)\n"
+        "except urllib.error.HTTPError as error:\n"
+        "    print(error.code)\n"
+    )
+    return int(host(node).run(f"python3 -c {shlex.quote(script)}").stdout.strip())
+
+
+def register_devices(directory, users_by_node, tag):
+    """sipp devices on the controller, one port per edge node: registered, then answering."""
+    answering = {}
+    for address, users in users_by_node.items():
+        local = (CONTROLLER, free_port(CONTROLLER))
+        rows = [[user, DOMAIN, SIP_PASSWORD] for user in users]
+        result = Sipp(directory, f"{tag}-register-{address}", "register", local, rows, (address, 5060)).run(
+            len(rows), rate=50, timeout=60
+        )
+        assert (result.successful, result.failed) == (len(rows), 0), result.errors
+        answering[address] = Sipp(directory, f"{tag}-answer-{address}", "answer", local).start()
+    return answering
+
+
+def place_calls(directory, pairs, edge_of, tag):
+    """Calls (caller, callee), each through the caller's edge node; every one must succeed."""
+    by_edge = {}
+    for caller, callee in pairs:
+        by_edge.setdefault(edge_of[caller], []).append([caller, DOMAIN, SIP_PASSWORD, callee])
+    for edge, rows in by_edge.items():
+        local = (CONTROLLER, free_port(CONTROLLER))
+        result = Sipp(directory, f"{tag}-calls-{edge}", "call", local, rows, (edge, 5060)).run(
+            len(rows), rate=20, timeout=60
+        )
+        assert (result.successful, result.failed) == (len(rows), 0), result.errors
+
+
+def test_100_subscribers_register_through_dns_chosen_nodes_and_50_calls_cross_at_most_two_nodes(tmp_path):
+    sip_network()
+    edge_of = {user: rfc3263_node() for user in SIP_USERS}
+    assert set(edge_of.values()) == set(ADDRESSES.values())  # the DNS slices spread them
+    users_by_node = {}
+    for user, address in edge_of.items():
+        users_by_node.setdefault(address, []).append(user)
+    answering = register_devices(tmp_path, users_by_node, "dns")
+    try:
+        # Each binding is on its home node: any node's thor-node finds it there.
+        assert all(location_on("node1", f"{user}@{DOMAIN}") == 200 for user in SIP_USERS[:20])
+        pairs = []
+        for index, caller in enumerate(SIP_USERS):
+            callee = next(u for u in SIP_USERS[index + 1 :] + SIP_USERS[:index] if edge_of[u] != edge_of[caller])
+            pairs.append((caller, callee))
+            if len(pairs) == 50:
+                break
+        place_calls(tmp_path, pairs, edge_of, "dns")
+        hops = [h for sipp in answering.values() for h in thor_vias_of_invites(sipp.messages())]
+        assert len(hops) == 50 and max(hops) == 2, hops
+    finally:
+        for sipp in answering.values():
+            sipp.stop()
+
+
+def test_a_stopped_sip_proxy_nodes_subscribers_register_with_their_new_home_and_calls_work_again(tmp_path):
+    sip_network()
+    users = SIP_USERS[:30]
+    users_by_node = {}
+    for index, user in enumerate(users):
+        users_by_node.setdefault(sorted(ADDRESSES.values())[index % 3], []).append(user)
+    for sipp in register_devices(tmp_path, users_by_node, "before").values():
+        sipp.stop()  # registered: what matters here is where their bindings are
+    node3 = host("node3")
+    assert all(location_on("node1", f"{user}@{DOMAIN}") == 200 for user in users)
+    assert node3.run("supervisorctl stop thor-node kamailio").rc == 0
+    answering = {}
+    try:
+        status_where(lambda s: "node3" not in s["members"], 30, "node3 gone")
+        # Its subscribers have a new home that never saw them: they register again, through a live node.
+        orphans = [user for user in users if location_on("node1", f"{user}@{DOMAIN}") == 480]
+        assert orphans
+        answering = register_devices(tmp_path, {ADDRESSES["node1"]: orphans}, "after")
+        assert all(location_on("node2", f"{user}@{DOMAIN}") == 200 for user in users)
+        place_calls(tmp_path, [(SIP_USERS[50], user) for user in orphans], {SIP_USERS[50]: ADDRESSES["node2"]}, "after")
+    finally:
+        for sipp in answering.values():
+            sipp.stop()
+        assert node3.run("supervisorctl start kamailio thor-node").rc == 0
+    status_where(lambda s: "node3" in s["roles"].get("sip_proxy", []), 30, "node3 a sip_proxy again")
 
 
 def test_certificate_revoked_through_the_playbook_is_refused():

@@ -1,0 +1,158 @@
+"""What thor-node answers about subscribers, for its own SIP proxy and for other nodes' (docs/sip.md).
+
+For a key (user@domain) the home node is the owner on the sip_proxy ring,
+the same answer on every node. A question about a subscriber is answered
+here when this node is its home, and otherwise asked of the home node over
+the node-to-node API (thor.sip.peers), bounded in time:
+
+    verify    does this digest response match the subscriber's HA1?   (the HA1 stays home)
+    location  where are the subscriber's devices?  (its bindings on the home's Kamailio, as
+              routes through the node each device talks to)
+
+A home node answers other nodes only about the keys it is home for: during a
+ring change two nodes may disagree for a moment, and the asking node is told
+so rather than given an answer from the wrong place.
+"""
+
+import logging
+
+from thor import roles
+from thor.lookup.ring import InvalidKeyError, normalize_key
+from thor.lookup.table import NoMembersError
+from thor.sip import digest
+from thor.sip.location import RPCError, bindings, routing_document
+from thor.sip.peers import PeerError
+
+__all__ = ["PEER_PORT", "SipService", "UnavailableError"]
+
+log = logging.getLogger("thor.sip")
+
+# The node-to-node API's port, announced with sip_proxy (attribute peer_port).
+PEER_PORT = 9502
+# An alias is resolved once: its target is an account, never another alias (NGNPro's rule).
+MAX_ALIAS_HOPS = 1
+
+
+class UnavailableError(Exception):
+    """The home node (or the local SIP proxy) cannot answer now; str() says why."""
+
+
+class SipService:
+    def __init__(self, address, rings, status_cache, accounts, peers, kamailio):
+        """address: this node's; rings: its RingFollower; accounts: its AccountCache; peers: a
+        PeerClient; kamailio: a KamailioRPC of the SIP proxy beside it."""
+        self.address = address
+        self.rings = rings
+        self.status_cache = status_cache
+        self.accounts = accounts
+        self.peers = peers
+        self.kamailio = kamailio
+
+    # -- the ring ----------------------------------------------------------------------
+
+    def home(self, key):
+        """The home node's address for key (InvalidKeyError, NoMembersError)."""
+        return self.rings.table.lookup(roles.SIP_PROXY, key)
+
+    def is_peer(self, address):
+        """Whether address is a live sip_proxy member (a node whose SIP requests are trusted)."""
+        return self.rings.table.is_online(address, roles.SIP_PROXY)
+
+    def serves(self, domain):
+        return self.accounts.serves(domain)
+
+    # -- questions, answered here or by the home node -----------------------------------
+
+    def verify(self, key, credentials):
+        """ "ok", "wrong", "unknown" (no such account) or "disabled"; UnavailableError."""
+        key = normalize_key(key)
+        home = self._home(key)
+        if home == self.address:
+            return self.verify_here(key, credentials)
+        return self._ask(home, {"op": "verify", "key": key, "credentials": credentials})["result"]
+
+    def location(self, aor):
+        """{"result": "ok", "routing": rtjson} | {"result": "offline"} | {"result": "unknown"}; UnavailableError."""
+        aor = normalize_key(aor)
+        for _ in range(MAX_ALIAS_HOPS + 1):
+            home = self._home(aor)
+            answer = (
+                self.location_here(aor) if home == self.address else self._ask(home, {"op": "location", "aor": aor})
+            )
+            if answer.get("result") != "alias":
+                return answer
+            aor = normalize_key(answer.get("target", ""))
+        return {"result": "unknown"}
+
+    # -- answers of a home node -----------------------------------------------------------
+
+    def verify_here(self, key, credentials):
+        try:
+            fields = digest.check_fields(credentials)
+        except digest.DigestError as problem:
+            log.info("verify %s: %s", key, problem)
+            return "wrong"
+        entry = self.accounts.get(key)
+        if entry is None or entry.kind != "account":
+            return "unknown"
+        if not entry.data.get("enabled", True):
+            return "disabled"
+        if fields["username"] != key.split("@", 1)[0] or fields["realm"] != key.split("@", 1)[1]:
+            return "wrong"
+        return "ok" if digest.matches(entry.data["ha1"], fields) else "wrong"
+
+    def location_here(self, aor):
+        entry = self.accounts.get(aor)
+        if entry is None:
+            return {"result": "unknown"}
+        if entry.kind == "alias":
+            target = entry.data.get("target", "")
+            return {"result": "alias", "target": target}
+        try:
+            contacts = bindings(self.kamailio, aor)
+        except RPCError as problem:
+            raise UnavailableError(f"the SIP proxy beside this node: {problem}") from None
+        if not contacts:
+            return {"result": "offline"}
+        return {"result": "ok", "routing": routing_document(contacts)}
+
+    def respond(self, identity, request):
+        """The node-to-node API: answer a peer about keys this node is home for."""
+        op = request.get("op")
+        key = request.get("key") if op == "verify" else request.get("aor")
+        if op not in ("verify", "location") or not isinstance(key, str):
+            return {"result": "error", "reason": "expected op verify (key, credentials) or location (aor)"}
+        try:
+            key = normalize_key(key)
+            if self.home(key) != self.address:
+                return {"result": "not-home"}
+            if op == "verify":
+                return {"result": self.verify_here(key, request.get("credentials"))}
+            return self.location_here(key)
+        except (InvalidKeyError, NoMembersError) as problem:
+            return {"result": "error", "reason": str(problem)}
+        except UnavailableError as problem:
+            return {"result": "unavailable", "reason": str(problem)}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _home(self, key):
+        try:
+            return self.home(key)
+        except NoMembersError:
+            raise UnavailableError("no sip_proxy node is live") from None
+
+    def _ask(self, home, request):
+        status = self.status_cache.status
+        name = next(
+            (member["name"] for member in status.role_members(roles.SIP_PROXY) if member["address"] == home), None
+        )
+        port = status.attributes(name, roles.SIP_PROXY).get("peer_port", PEER_PORT) if name else PEER_PORT
+        try:
+            answer = self.peers.request((home, port), request)
+        except PeerError as problem:
+            raise UnavailableError(f"home node {home}: {problem}") from None
+        result = answer.get("result")
+        if result in ("not-home", "unavailable", "error", None):
+            raise UnavailableError(f"home node {home} answered {result}: {answer.get('reason', '')}".rstrip(": "))
+        return answer
