@@ -18,12 +18,13 @@ VENV_STAMP := $(VENV)/.installed
 # What the suite needs from Debian: the bookworm stack the servers run on,
 # the tools to build the dev venv (psycopg2 compiles against libpq), Kamailio
 # with app_python3 (the SIP proxy of sip_proxy nodes, etc/kamailio/thor.cfg),
-# sipp (sip-tester: the SIP devices of the tests and benchmarks), and the
+# sipp (sip-tester: the SIP devices of the tests and benchmarks), rtpengine
+# (userspace: the media relays of the tests), and the
 # PostgreSQL and PowerDNS that thor-dns and NGNPro are tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
 	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis \
-	kamailio kamailio-python3-modules sip-tester postgresql pdns-server pdns-backend-pgsql
+	kamailio kamailio-python3-modules sip-tester rtpengine-daemon postgresql pdns-server pdns-backend-pgsql
 PYTEST_ARGS ?=
 
 DEB_DIR := build/deb
@@ -69,7 +70,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-BENCHES := eventserver membership dns lookup ngnpro sip
+BENCHES := eventserver membership dns lookup ngnpro sip media
 
 bench: $(addprefix bench-,$(BENCHES))
 

@@ -51,7 +51,7 @@ def test_a_dead_nodes_subscribers_register_again_with_their_new_home_and_nothing
         caller = "carol"
         network.soap.addAccount(account(caller, password=password(caller)))
         # Only the orphans lost their binding: their new home never had one.
-        answering = network.answering("answering", devices_of["all"].local)
+        answering = devices_of["answering"] = network.answering("answering", devices_of["all"].local)
         rows = [[caller, DOMAIN, password(caller), user] for user in kept]
         wait_for(lambda: register(5060, caller, DOMAIN, password(caller), host=ADDRESSES[1])[0] == 200, 10)
         result = network.calls("kept", rows, "node2", "127.0.5.30")

@@ -3,16 +3,14 @@ configuration SIP Thor ships (etc/kamailio/thor.cfg, or the one thor-sip-proxy i
 and a SIP client that registers with digest authentication (for quick checks; sipp for
 load, thor.loopback.sipp)."""
 
-import contextlib
 import hashlib
 import os
 import re
-import signal
 import socket
 import subprocess
 
 from thor.health import Check
-from thor.loopback.process import PACKAGE_ROOT, die_with_parent, exited, free_port, wait_for
+from thor.loopback.process import PACKAGE_ROOT, ProcessGroup, die_with_parent, free_port, wait_for
 
 __all__ = ["CONFIG", "SCRIPT", "Kamailio", "invite", "register"]
 
@@ -31,7 +29,7 @@ SCRIPT = _shipped("thor_kamailio.py", "/usr/share/thor/kamailio/thor_kamailio.py
 TEST_SECRET = "loopback-test-secret-0123456789abcdef"
 
 
-class Kamailio:
+class Kamailio(ProcessGroup):
     """Kamailio for the node at address: SIP on address:port, thor-node's API at api."""
 
     def __init__(self, directory, address, api, port=5060, secret=TEST_SECRET, children=2, media=None):
@@ -80,24 +78,6 @@ class Kamailio:
             return check.probe(0.2)
 
         wait_for(answering, timeout=timeout, message=f"Kamailio on {self.address} answering OPTIONS")
-
-    def stop(self):
-        """TERM (Kamailio stops its workers), then KILL to the whole group."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            exited(self.process, 10)
-        self.kill()
-
-    def kill(self):
-        """kill -9 of Kamailio and every worker of it."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            exited(self.process, 5)
-
-    def log(self):
-        with open(self.log_path, errors="replace") as stream:
-            return stream.read()
 
 
 def _digest(username, realm, password, method, uri, challenge):

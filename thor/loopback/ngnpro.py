@@ -13,6 +13,7 @@ import zeep
 import zeep.exceptions
 import zeep.transports
 
+from thor import __version__
 from thor.lookup.table import LookupTable
 from thor.loopback.kamailio import Kamailio
 from thor.loopback.network import Overlay, wait_status
@@ -211,11 +212,14 @@ class SipNetwork(Network):
         self.health_checks = health_checks
         self.kamailios = {}
 
-    def start_node(self, name):
+    def start_node(self, name, kamailio_first=False):
+        """kamailio_first: Kamailio starts before thor-node listens (as supervisor may start them)."""
         address = NODE_ADDRESSES[name]
         api, media = (address, free_port(address)), (address, free_port(address))
         kamailio = Kamailio(self.directory, address, api, children=self.children, media=media)
         self.kamailios[name] = kamailio
+        if kamailio_first:
+            kamailio.start()
         self.nodes[name] = self.overlay.node(
             name,
             "sip_proxy",
@@ -228,7 +232,9 @@ class SipNetwork(Network):
             media_listen="{}:{}".format(*media),
             **self.node_settings(name),
         )
-        kamailio.start()
+        if not kamailio_first:
+            self.nodes[name].wait_log(f" {__version__} started", 20)
+            kamailio.start()
         return self.nodes[name]
 
     def devices(self, name, rows, via, port=None, contact_host=None, transport="u1"):

@@ -1,5 +1,6 @@
 """Thor programs as real processes on loopback: configuration files, ports, logs, waits."""
 
+import contextlib
 import ctypes
 import os
 import random
@@ -15,6 +16,7 @@ import thor
 
 __all__ = [
     "PACKAGE_ROOT",
+    "ProcessGroup",
     "Program",
     "config_text",
     "die_with_parent",
@@ -75,6 +77,33 @@ def exited(process, timeout):
     except AssertionError:
         return None
     return process.returncode
+
+
+class ProcessGroup:
+    """A service started in a session of its own (start_new_session), its output in log_path:
+    Kamailio, rtpengine. Stopping it ends every process of the group (Kamailio's workers outlive
+    a SIGKILL of their parent)."""
+
+    process = None
+    log_path = None
+
+    def stop(self):
+        """TERM (the service ends its children), then KILL to the whole group."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            exited(self.process, 10)
+        self.kill()
+
+    def kill(self):
+        """kill -9 of the service and every process of its group."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            exited(self.process, 5)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as stream:
+            return stream.read()
 
 
 def config_text(sections, header=""):

@@ -14,7 +14,7 @@ import re
 import signal
 import subprocess
 
-from thor.loopback.process import exited, wait_for
+from thor.loopback.process import die_with_parent, exited, wait_for
 
 __all__ = ["SCENARIOS", "Sipp", "SippResult", "thor_vias_of_invites"]
 
@@ -99,6 +99,7 @@ class Sipp:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 (one prctl call, safe between fork and exec)
         )
         return self
 

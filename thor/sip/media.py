@@ -14,6 +14,7 @@ the network status as it changes: no restart, no reload.
 import base64
 import hashlib
 import logging
+import os
 import time
 
 import gevent
@@ -33,6 +34,8 @@ MAX_DATAGRAM = 65535
 # A call's relay is forgotten this long after its last command (a call without a BYE).
 FORGET_AFTER = 3 * 3600.0
 MAX_CALLS = 200000
+# "No media relay is live" is logged at most this often (seconds).
+WARN_EVERY = 60.0
 
 
 # What a media relay publishes on Thor.Statistics (besides its name and address), and the types.
@@ -83,7 +86,8 @@ class MediaProxy:
         self.chooser = chooser
         self.peers = peers
         self.name = name
-        self.calls = {}  # call-id -> [(name, address, peer port), last command time]
+        self.calls = {}  # call-id -> [(name, address, peer port) or None (direct), last command time]
+        self._warned = -WARN_EVERY
         self._server = DatagramServer(listen, self._datagram)
         self._sweeper = None
 
@@ -110,10 +114,8 @@ class MediaProxy:
             self._reply(cookie, {"result": "error", "error-reason": f"malformed: {problem}"}, address)
             return
         if message["command"] == "ping":
-            live = bool(self.chooser.candidates())
-            self._reply(
-                cookie, {"result": "pong"} if live else {"result": "error", "error-reason": "no relay"}, address
-            )
+            # thor-node answers for the relays: with none live, calls go on with direct media.
+            self._reply(cookie, {"result": "pong"}, address)
             return
         call_id = message.get("call-id")
         if not isinstance(call_id, str):
@@ -121,13 +123,15 @@ class MediaProxy:
             return
         relay = self._relay_of(call_id, message["command"])
         if relay is None:
-            self._reply(cookie, {"result": "error", "error-reason": "no media relay is live"}, address)
+            self._direct(cookie, message, address)
             return
         # The relay's rtpengine tells commands apart by cookie: make ours unique in the network.
         datagram = f"{self.name}-{cookie.decode(errors='replace')}".encode() + b" " + body
         try:
             answer = self.peers.request(
-                (relay[1], relay[2]), {"op": "ng", "datagram": base64.b64encode(datagram).decode()}
+                (relay[1], relay[2]),
+                {"op": "ng", "datagram": base64.b64encode(datagram).decode()},
+                role=roles.MEDIA_RELAY,
             )
             reply = base64.b64decode(answer["datagram"])
         except (PeerError, KeyError, ValueError) as problem:
@@ -139,16 +143,29 @@ class MediaProxy:
         self._server.sendto(cookie + b" " + reply.partition(b" ")[2], address)
 
     def _relay_of(self, call_id, command):
+        """The call's relay; None: its media goes direct (no relay was live at its offer)."""
         known = self.calls.get(call_id)
         if known is not None:
             known[1] = time.monotonic()
-            return known[0]  # one relay for a call's whole life
+            return known[0]  # one relay (or none) for a call's whole life
         if command not in ("offer", "answer"):
             return None
         relay = self.chooser.choose(call_id)
-        if relay is not None and len(self.calls) < MAX_CALLS:
+        if len(self.calls) < MAX_CALLS:
             self.calls[call_id] = [relay, time.monotonic()]
         return relay
+
+    def _direct(self, cookie, message, address):
+        """A call without a relay: its SDP back unchanged, so Kamailio goes on without an error."""
+        if message["command"] == "delete":
+            self.calls.pop(message["call-id"], None)
+        elif message["command"] == "offer" and time.monotonic() - self._warned > WARN_EVERY:
+            self._warned = time.monotonic()
+            log.warning("no media relay is live: calls go with the devices' own media addresses")
+        answer = {"result": "ok"}
+        if isinstance(message.get("sdp"), (bytes, str)):
+            answer["sdp"] = message["sdp"]
+        self._reply(cookie, answer, address)
 
     def _reply(self, cookie, message, address):
         self._server.sendto(cookie + b" " + bencode.encode(message), address)
@@ -188,7 +205,9 @@ class RelayControl:
 
     def statistics(self):
         """rtpengine's load: {"sessions", "packets_per_s", "bytes_per_s", "relayed_packets"}, or None."""
-        reply = self.forward(b"thor-statistics " + bencode.encode({"command": "statistics"}))
+        # rtpengine answers a cookie it saw lately from its cache: each request has its own.
+        cookie = b"thor-statistics-" + os.urandom(6).hex().encode()
+        reply = self.forward(cookie + b" " + bencode.encode({"command": "statistics"}))
         try:
             message = bencode.decode(reply.partition(b" ")[2]) if reply else None
             current, total = message["statistics"]["currentstatistics"], message["statistics"]["totalstatistics"]

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import json
 import logging
+import ssl
 
 from thor import roles
 from thor.transport.tls import TLSError, TLSServer, connect, format_address
@@ -111,33 +112,50 @@ class PeerClient:
         self.contexts = contexts
         self.timeout = timeout
         self.max_idle_per_peer = max_idle_per_peer
-        self._idle = collections.defaultdict(list)  # endpoint -> [(socket, buffer)]
+        self._idle = collections.defaultdict(list)  # (endpoint, role) -> [(socket, buffer)]
 
-    def request(self, endpoint, message):
-        """The peer's answer (a dict) to message; PeerError when it cannot be had within timeout."""
-        idle = self._idle[endpoint]
-        connection = idle.pop() if idle else None
+    def request(self, endpoint, message, role=roles.SIP_PROXY):
+        """The peer's answer (a dict) to message; PeerError when it cannot be had within timeout.
+        role: what the peer's certificate must grant (a home node: sip_proxy; a relay: media_relay)."""
+        idle = self._idle[endpoint, role]
+        while idle:
+            connection = idle.pop()
+            try:
+                answer = self._exchange(connection, message)
+            except (ConnectionError, ssl.SSLError):
+                # The peer closed this kept connection meanwhile (it restarted, or it ends idle
+                # ones): the request goes again, on the next kept connection or a new one.
+                _close(connection)
+                continue
+            except (OSError, ValueError) as problem:
+                _close(connection)
+                raise _error(endpoint, problem) from None
+            return self._keep(idle, connection, answer, endpoint)
         try:
-            if connection is None:
-                sock, _ = connect(endpoint, self.contexts, timeout=self.timeout, expected_role=roles.SIP_PROXY)
-                connection = (sock, bytearray())
-            sock, buffer = connection
-            sock.settimeout(self.timeout)
-            sock.sendall(_encode(message))
-            answer = json.loads(_read_line(sock, buffer))
+            sock, _ = connect(endpoint, self.contexts, timeout=self.timeout, expected_role=role)
         except TLSError as problem:
             raise PeerError(str(problem)) from None
+        except OSError as problem:
+            raise _error(endpoint, problem) from None
+        connection = (sock, bytearray())
+        try:
+            answer = self._exchange(connection, message)
         except (OSError, ValueError) as problem:
-            if connection is not None:
-                with contextlib.suppress(OSError):
-                    connection[0].close()
-            reason = "no answer in time" if isinstance(problem, TimeoutError) else str(problem) or "closed"
-            raise PeerError(f"{format_address(endpoint)}: {reason}") from None
+            _close(connection)
+            raise _error(endpoint, problem) from None
+        return self._keep(idle, connection, answer, endpoint)
+
+    def _exchange(self, connection, message):
+        sock, buffer = connection
+        sock.settimeout(self.timeout)
+        sock.sendall(_encode(message))
+        return json.loads(_read_line(sock, buffer))
+
+    def _keep(self, idle, connection, answer, endpoint):
         if len(idle) < self.max_idle_per_peer:
             idle.append(connection)
         else:
-            with contextlib.suppress(OSError):
-                connection[0].close()
+            _close(connection)
         if not isinstance(answer, dict):
             raise PeerError(f"{format_address(endpoint)}: the answer is not an object")
         return answer
@@ -148,3 +166,13 @@ class PeerClient:
                 with contextlib.suppress(OSError):
                     sock.close()
         self._idle.clear()
+
+
+def _close(connection):
+    with contextlib.suppress(OSError):
+        connection[0].close()
+
+
+def _error(endpoint, problem):
+    reason = "no answer in time" if isinstance(problem, TimeoutError) else str(problem) or "closed"
+    return PeerError(f"{format_address(endpoint)}: {reason}")

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 
 import dns.resolver
+import gevent
 import pytest
 import requests
 import testinfra
@@ -21,6 +22,7 @@ import zeep.transports
 
 from thor.lookup.client import LookupClient
 from thor.loopback.kamailio import register
+from thor.loopback.phone import Phone
 from thor.loopback.process import free_port, wait_for
 from thor.loopback.sipp import Sipp, thor_vias_of_invites
 
@@ -34,8 +36,8 @@ PROGRAMS = {
     "thor3": {"thor-eventserver", "thor-manager"},
     "ns1": {"pdns", "thor-dns", "thor-database", "ngnpro"},
     "ns2": {"pdns", "thor-dns"},
-    "node1": {"thor-node", "kamailio"},
-    "node2": {"thor-node", "kamailio"},
+    "node1": {"thor-node", "kamailio", "rtpengine"},
+    "node2": {"thor-node", "kamailio", "rtpengine"},
     "node3": {"thor-node", "kamailio"},
 }
 
@@ -88,6 +90,7 @@ def test_network_status_lists_every_host_with_its_roles():
     assert roles["thor_eventserver"] == ["thor1", "thor2", "thor3"]
     assert roles["thor_manager"] == ["thor1", "thor2", "thor3"]
     assert roles["sip_proxy"] == ["node1", "node2", "node3"]  # Kamailio answers their SIP checks
+    assert roles["media_relay"] == ["node1", "node2"]  # rtpengine answers their ng pings
     assert roles["thor_dnsmanager"] == ["ns1", "ns2"]
     assert roles["thor_database"] == ["ns1"]
     assert roles["provisioning_server"] == ["ns1", "thor2"]
@@ -445,6 +448,89 @@ def test_a_stopped_sip_proxy_nodes_subscribers_register_with_their_new_home_and_
             sipp.stop()
         assert node3.run("supervisorctl start kamailio thor-node").rc == 0
     status_where(lambda s: "node3" in s["roles"].get("sip_proxy", []), 30, "node3 a sip_proxy again")
+
+
+# -- Media relays: rtpengine on node1 (site a) and node2 (site b); node3 is in site a -------
+
+RELAY_OF_SITE = {"a": ADDRESSES["node1"], "b": ADDRESSES["node2"]}
+SITE = {"node1": "a", "node2": "b", "node3": "a"}
+PACKETS = 10
+
+
+def phones(users_by_node):
+    """Phones on the controller, each registered through its node: {user: (phone, node)}."""
+    registered = {}
+    for node, users in users_by_node.items():
+        for user in users:
+            phone = Phone(user, DOMAIN, SIP_PASSWORD, CONTROLLER, (ADDRESSES[node], 5060))
+            registered[user] = (phone, node)
+            wait_for(lambda p=phone: p.register()[0] == 200, 20, interval=0.5, message=f"{user} registered")
+    return registered
+
+
+def call_with_media(caller, callee):
+    """caller calls callee, both send PACKETS RTP packets 20 ms apart, caller hangs up;
+    (the relay address in the SDP, packets the caller got, packets the callee got)."""
+    before = len(callee.incoming)
+    call = caller.call(callee.user)
+    answered = callee.wait_incoming(before + 1)
+    gevent.joinall([gevent.spawn(call.send_rtp, PACKETS), gevent.spawn(answered.send_rtp, PACKETS)])
+    wait_for(
+        lambda: call.received >= PACKETS and answered.received >= PACKETS, 5, interval=0.05, message="media through"
+    )
+    assert call.hangup() == 200
+    assert answered.media[0] == call.media[0]  # both sides' SDP name the relay
+    return call.media[0], call.received, answered.received
+
+
+def test_50_calls_with_media_between_nodes_go_through_the_relay_of_the_callers_site():
+    sip_network()
+    status_where(lambda s: s["roles"].get("media_relay") == ["node1", "node2"], 60, "both media relays live")
+    registered = phones({node: SIP_USERS[60 + 4 * i : 64 + 4 * i] for i, node in enumerate(sorted(ADDRESSES))})
+    try:
+        users = sorted(registered)
+        used = []
+        for index in range(50):
+            caller, caller_node = registered[users[index % len(users)]]
+            callee = next(p for p, n in (registered[u] for u in users[index % 4 :] + users) if n != caller_node)
+            relay, sent_back, sent_forth = call_with_media(caller, callee)
+            assert relay == RELAY_OF_SITE[SITE[caller_node]], (caller_node, relay)
+            assert (sent_back, sent_forth) == (PACKETS, PACKETS)
+            used.append(relay)
+        assert set(used) == set(RELAY_OF_SITE.values())  # both relays, in both sites
+    finally:
+        for phone, _ in registered.values():
+            phone.close()
+
+
+def test_a_stopped_relay_gets_no_new_calls_and_takes_calls_again_once_back():
+    sip_network()
+    node2 = host("node2")
+    registered = phones({"node2": ["sip70"], "node1": ["sip71"]})
+    caller, callee = registered["sip70"][0], registered["sip71"][0]
+    try:
+        status_where(lambda s: s["roles"].get("media_relay") == ["node1", "node2"], 60, "both media relays live")
+        assert call_with_media(caller, callee)[0] == RELAY_OF_SITE["b"]
+        in_progress = caller.call("sip71")
+        answered = callee.wait_incoming(len(callee.incoming))
+        assert in_progress.media[0] == RELAY_OF_SITE["b"]
+        assert node2.run("supervisorctl stop rtpengine").rc == 0
+        status_where(lambda s: s["roles"].get("media_relay") == ["node1"], 30, "node2 withdrew media_relay")
+        # The call that was on node2's relay keeps it (docs/sip.md): its media is gone. Nothing
+        # can arrive, so the check is that nothing did by the time it would have (0.5 s).
+        in_progress.send_rtp(PACKETS)
+        gevent.sleep(0.5)
+        assert answered.received == 0
+        assert in_progress.hangup() == 200
+        # No relay left in site b: node2's callers get site a's, with media both ways.
+        relay, back, forth = call_with_media(caller, callee)
+        assert (relay, back, forth) == (RELAY_OF_SITE["a"], PACKETS, PACKETS)
+    finally:
+        assert node2.run("supervisorctl start rtpengine").rc == 0
+    status_where(lambda s: s["roles"].get("media_relay") == ["node1", "node2"], 30, "node2 a media relay again")
+    wait_for(lambda: call_with_media(caller, callee)[0] == RELAY_OF_SITE["b"], 5, message="node2's relay used again")
+    for phone, _ in registered.values():
+        phone.close()
 
 
 def test_certificate_revoked_through_the_playbook_is_refused():
