@@ -3,14 +3,13 @@ configuration SIP Thor ships (etc/kamailio/thor.cfg, or the one thor-sip-proxy i
 and a SIP client that registers with digest authentication (for quick checks; sipp for
 load, thor.loopback.sipp)."""
 
-import hashlib
 import os
-import re
 import socket
 import subprocess
 
 from thor.health import Check
 from thor.loopback.process import PACKAGE_ROOT, ProcessGroup, die_with_parent, free_port, wait_for
+from thor.sip import digest
 
 __all__ = ["CONFIG", "SCRIPT", "Kamailio", "invite", "register"]
 
@@ -80,20 +79,6 @@ class Kamailio(ProcessGroup):
         wait_for(answering, timeout=timeout, message=f"Kamailio on {self.address} answering OPTIONS")
 
 
-def _digest(username, realm, password, method, uri, challenge):
-    """An Authorization / Proxy-Authorization value answering challenge (a header value)."""
-    fields = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
-    nonce = fields["nonce"]
-    ha1 = hashlib.md5(f"{username}:{realm}:{password}".encode()).hexdigest()
-    ha2 = hashlib.md5(f"{method}:{uri}".encode()).hexdigest()
-    value = f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
-    if "qop" in fields:
-        cnonce, count = os.urandom(8).hex(), "00000001"
-        response = hashlib.md5(f"{ha1}:{nonce}:{count}:{cnonce}:auth:{ha2}".encode()).hexdigest()
-        return value + f', qop=auth, nc={count}, cnonce="{cnonce}", response="{response}"'
-    return value + f', response="{hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()}"'
-
-
 def invite(port, caller, domain, password, callee, host="127.0.0.1", timeout=10.0, callee_domain=None):
     """INVITE callee from caller through the proxy at host:port over UDP, answering one proxy
     challenge; the final status (code, reason, headers). Every final answer is acknowledged
@@ -129,7 +114,7 @@ def invite(port, caller, domain, password, callee, host="127.0.0.1", timeout=10.
         if code == 407:
             ack(1, branch, headers)
             branch = f"z9hG4bK{os.urandom(6).hex()}"
-            authorization = _digest(caller, domain, password, "INVITE", uri, headers["proxy-authenticate"])
+            authorization = digest.authorization(caller, password, "INVITE", uri, headers["proxy-authenticate"])
             send("INVITE", 2, branch, [f"Proxy-Authorization: {authorization}"])
             code, reason, headers = _final_response(sock)
         if code < 300:  # not what the callers of this expect: hang up at once
@@ -170,17 +155,7 @@ def register(port, username, domain, password, host="127.0.0.1", timeout=5.0, to
         code, reason, headers = send(1)
         if code != 401:
             return code, reason
-        challenge = dict(re.findall(r'(\w+)="?([^",]*)"?', headers["www-authenticate"].split(" ", 1)[1]))
-        realm, nonce = challenge["realm"], challenge["nonce"]
-        ha1 = hashlib.md5(f"{username}:{realm}:{password}".encode()).hexdigest()
-        ha2 = hashlib.md5(f"REGISTER:{uri}".encode()).hexdigest()
-        authorization = f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
-        if "qop" in challenge:
-            cnonce, count = os.urandom(8).hex(), "00000001"
-            response = hashlib.md5(f"{ha1}:{nonce}:{count}:{cnonce}:auth:{ha2}".encode()).hexdigest()
-            authorization += f', qop=auth, nc={count}, cnonce="{cnonce}", response="{response}"'
-        else:
-            authorization += f', response="{hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()}"'
+        authorization = digest.authorization(username, password, "REGISTER", uri, headers["www-authenticate"])
         code, reason, _ = send(2, authorization)
         return code, reason
 

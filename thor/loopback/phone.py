@@ -7,7 +7,6 @@ from where. ACK, re-INVITE and BYE follow the dialog's route set. Enough SIP
 for loopback tests and the media benchmark; sipp does the load of signaling.
 """
 
-import hashlib
 import os
 import re
 import struct
@@ -18,6 +17,8 @@ import gevent.event
 from gevent import socket
 from gevent.event import Event
 
+from thor.sip import digest
+
 __all__ = ["Call", "Phone", "PhoneError"]
 
 MAX_PACKET = 65535
@@ -25,10 +26,6 @@ MAX_PACKET = 65535
 
 class PhoneError(Exception):
     pass
-
-
-def _md5(text):
-    return hashlib.md5(text.encode()).hexdigest()
 
 
 def parse(data):
@@ -137,17 +134,6 @@ class Phone:
     def _via(self):
         return f"Via: SIP/2.0/UDP {self.advertised}:{self.port};branch=z9hG4bK{os.urandom(6).hex()};rport"
 
-    def _authorization(self, method, uri, challenge):
-        fields = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
-        ha1 = _md5(f"{self.user}:{fields['realm']}:{self.password}")
-        ha2 = _md5(f"{method}:{uri}")
-        cnonce, count = os.urandom(8).hex(), "00000001"
-        response = _md5(f"{ha1}:{fields['nonce']}:{count}:{cnonce}:auth:{ha2}")
-        return (
-            f'Digest username="{self.user}", realm="{fields["realm"]}", nonce="{fields["nonce"]}", uri="{uri}", '
-            f'algorithm=MD5, qop=auth, nc={count}, cnonce="{cnonce}", response="{response}"'
-        )
-
     def _transaction(self, call_id, cseq, method, send, timeout):
         waiter = gevent.event.AsyncResult()
         self._waiting[(call_id, cseq, method)] = waiter
@@ -182,7 +168,8 @@ class Phone:
             code = int(status.split()[1])
             if code != 401 or authorization:
                 return code, status.split(" ", 2)[2]
-            authorization = self._authorization("REGISTER", uri, headers["www-authenticate"][0])
+            challenge = headers["www-authenticate"][0]
+            authorization = digest.authorization(self.user, self.password, "REGISTER", uri, challenge)
         return code, status.split(" ", 2)[2]
 
     def call(self, callee, timeout=10.0):
@@ -193,7 +180,8 @@ class Phone:
         for _ in range(2):
             code, status, headers, body = self.request(call, "INVITE", self.sdp(), timeout, authorization)
             if code == 407 and authorization is None:
-                authorization = self._authorization("INVITE", call.remote_uri, headers["proxy-authenticate"][0])
+                challenge = headers["proxy-authenticate"][0]
+                authorization = digest.authorization(self.user, self.password, "INVITE", call.remote_uri, challenge)
                 call.cseq += 1
                 continue
             break

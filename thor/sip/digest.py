@@ -4,13 +4,16 @@ An edge node receives a request with credentials but holds no HA1 for the
 subscriber; it sends the credentials' fields to the subscriber's home node,
 which answers whether the response matches. The HA1 never leaves its home.
 The nonce is the edge's business (Kamailio checked it before asking).
+authorization() is the other side, a device answering a challenge (the test
+and benchmark devices of thor.loopback).
 """
 
 import hashlib
 import hmac
+import os
 import re
 
-__all__ = ["DigestError", "check_fields", "expected_response", "matches"]
+__all__ = ["DigestError", "authorization", "check_fields", "expected_response", "matches"]
 
 # What a field of the Authorization header may hold: no control characters, bounded.
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,256}\Z")
@@ -63,3 +66,17 @@ def expected_response(ha1, fields):
 def matches(ha1, fields):
     """Whether the (checked) fields carry the right response for ha1, compared in constant time."""
     return hmac.compare_digest(expected_response(ha1, fields), fields["response"])
+
+
+def authorization(username, password, method, uri, challenge):
+    """The Authorization / Proxy-Authorization value a device sends to answer challenge (a
+    WWW-Authenticate / Proxy-Authenticate value): the response expected_response computes."""
+    offered = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
+    realm, nonce = offered["realm"], offered["nonce"]
+    fields = {"method": method, "uri": uri, "nonce": nonce}
+    value = f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
+    if "auth" in offered.get("qop", "").split(","):
+        fields.update(qop="auth", nc="00000001", cnonce=os.urandom(8).hex())
+        value += f', qop=auth, nc={fields["nc"]}, cnonce="{fields["cnonce"]}"'
+    response = expected_response(_md5(f"{username}:{realm}:{password}"), fields)
+    return f'{value}, response="{response}"'
