@@ -5,6 +5,10 @@ caller's edge (its site first), RTP counted at both phones (docs/sip.md).
 (relay1 in site a at 127.0.6.1, relay2 in site b at 127.0.6.2), NGNPro, PostgreSQL.
 """
 
+import base64
+import contextlib
+import signal
+
 import gevent
 import pytest
 from gevent import socket
@@ -37,7 +41,7 @@ def network(tmp_path_factory):
         built.start_nodes("node1", "node2", "node3")
         soap = built.client()
         soap.addDomain(DOMAIN)
-        for index in range(12):
+        for index in range(14):
             soap.addAccount(account(f"m{index}", password=PASSWORD))
         built.status(lambda s: len(s.roles.get(roles.MEDIA_RELAY, ())) == 2, "both relays live")
         built.phones = phones
@@ -199,6 +203,33 @@ def test_relays_publish_their_load_and_ngnpro_shows_it(network):
     wait_for(lambda: relay_names <= relays_reported(), 10, interval=0.5, message="relay statistics in getStatistics")
 
 
+def test_a_call_in_progress_keeps_its_relay_after_thor_node_missed_one_command(network):
+    """A command thor-node does not answer (it hangs for a moment, restarts, or was not yet
+    listening when a Kamailio worker pinged it at start) makes Kamailio's rtpengine module
+    disable its one endpoint; the calls in progress must still reach their relay afterwards:
+    the BYE deletes the relay's session. (Kamailio otherwise skips a disabled endpoint for the
+    answers and deletes of calls it knows, until some new call's offer pings it again.)"""
+    phone(network, "m12", "node2", "127.0.5.52")  # the callee
+    caller = phone(network, "m13", "node3", "127.0.5.53")  # node3: site a, relay1
+    relay = network.rtpengines["relay1"]
+    before = relay_calls(relay)
+    call = caller.call("m12")
+    assert call.media[0] == RELAYS["relay1"][0]
+    assert relay_calls(relay) == before + 1
+    node3, kamailio = network.nodes["node3"], network.kamailios["node3"]
+    node3.signal(signal.SIGSTOP)
+    try:
+        # The re-INVITE's offer waits for thor-node in vain (Kamailio's 2 s timeout): endpoint disabled.
+        reinvite = gevent.spawn(call.reinvite, 10)
+        wait_for(lambda: 'timeout waiting reply for command "offer"' in kamailio.log(), 5, message="offer timed out")
+    finally:
+        node3.signal(signal.SIGCONT)
+    assert reinvite.get(timeout=15) == 200
+    assert call.hangup() == 200
+    wait_for(lambda: relay_calls(relay) == before, 5, message="the relay's session deleted")
+    network.status(lambda s: "node3" in s.roles.get(roles.SIP_PROXY, ()), "node3 a sip_proxy again")
+
+
 class NoRelays:
     def candidates(self):
         return []
@@ -207,10 +238,10 @@ class NoRelays:
         return None
 
 
-def test_with_no_live_relay_thor_node_answers_kamailio_with_the_sdp_unchanged():
-    """Kamailio's rtpengine module gets a pong and its SDP back: the call goes on with direct media,
-    and Kamailio logs no error for each call of a network without relays."""
-    proxy = MediaProxy(("127.0.0.1", 0), NoRelays(), peers=None, name="node1")
+@contextlib.contextmanager
+def media_proxy(chooser, peers=None):
+    """A MediaProxy of chooser's relays on loopback, and ask(cookie, message) -> its answer."""
+    proxy = MediaProxy(("127.0.0.1", 0), chooser, peers=peers, name="node1")
     proxy.start()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -223,12 +254,47 @@ def test_with_no_live_relay_thor_node_answers_kamailio_with_the_sdp_unchanged():
                 assert head == cookie
                 return bencode.decode(body)
 
-            assert ask(b"1", {"command": "ping"}) == {"result": "pong"}
-            sdp = b"v=0\r\nc=IN IP4 127.0.5.1\r\nm=audio 4000 RTP/AVP 8\r\n"
-            offer = {"command": "offer", "call-id": "c1", "from-tag": "a", "sdp": sdp}
-            assert ask(b"2", offer) == {"result": "ok", "sdp": sdp.decode()}
-            assert ask(b"3", {**offer, "command": "answer", "to-tag": "b"}) == {"result": "ok", "sdp": sdp.decode()}
-            assert ask(b"4", {"command": "delete", "call-id": "c1", "from-tag": "a"}) == {"result": "ok"}
-            assert "c1" not in proxy.calls
+            yield proxy, ask
     finally:
         proxy.stop()
+
+
+def test_with_no_live_relay_thor_node_answers_kamailio_with_the_sdp_unchanged():
+    """Kamailio's rtpengine module gets a pong and its SDP back: the call goes on with direct media,
+    and Kamailio logs no error for each call of a network without relays."""
+    with media_proxy(NoRelays()) as (proxy, ask):
+        assert ask(b"1", {"command": "ping"}) == {"result": "pong"}
+        sdp = b"v=0\r\nc=IN IP4 127.0.5.1\r\nm=audio 4000 RTP/AVP 8\r\n"
+        offer = {"command": "offer", "call-id": "c1", "from-tag": "a", "sdp": sdp}
+        assert ask(b"2", offer) == {"result": "ok", "sdp": sdp.decode()}
+        assert ask(b"3", {**offer, "command": "answer", "to-tag": "b"}) == {"result": "ok", "sdp": sdp.decode()}
+        assert ask(b"4", {"command": "delete", "call-id": "c1", "from-tag": "a"}) == {"result": "ok"}
+        assert "c1" not in proxy.calls
+
+
+class OneRelay(NoRelays):
+    def choose(self, call_id):
+        return ("relay1", "127.0.6.1", 7000)
+
+
+class RecordingPeers:
+    """Answers every ng datagram as a relay's rtpengine would, and remembers where each went."""
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, endpoint, message, role):
+        datagram = base64.b64decode(message["datagram"])
+        self.sent.append((endpoint, bencode.decode(datagram.partition(b" ")[2])["command"]))
+        reply = datagram.partition(b" ")[0] + b" " + bencode.encode({"result": "ok"})
+        return {"result": "ok", "datagram": base64.b64encode(reply).decode()}
+
+
+def test_a_delete_for_a_call_thor_node_does_not_know_goes_to_the_relay_its_offer_got():
+    """thor-node restarted during a call: the BYE's delete still reaches the call's relay (the
+    choice depends on the call and the live relays only), so its session does not linger."""
+    peers = RecordingPeers()
+    with media_proxy(OneRelay(), peers) as (proxy, ask):
+        assert ask(b"7", {"command": "delete", "call-id": "c9", "from-tag": "a"}) == {"result": "ok"}
+        assert peers.sent == [(("127.0.6.1", 7000), "delete")]
+        assert "c9" not in proxy.calls

@@ -148,8 +148,10 @@ class MediaProxy:
         if known is not None:
             known[1] = time.monotonic()
             return known[0]  # one relay (or none) for a call's whole life
-        if command not in ("offer", "answer"):
+        if command not in ("offer", "answer", "delete"):
             return None
+        # A call this node does not know (it restarted meanwhile) gets the relay its offer got
+        # while the relays are the same: the choice depends on the call and the live relays only.
         relay = self.chooser.choose(call_id)
         if len(self.calls) < MAX_CALLS:
             self.calls[call_id] = [relay, time.monotonic()]
