@@ -70,7 +70,7 @@ test-latest: venv
 test-bookworm: deps
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-BENCHES := eventserver membership dns lookup ngnpro sip media
+BENCHES := eventserver membership dns lookup ngnpro sip media scale
 
 bench: $(addprefix bench-,$(BENCHES))
 

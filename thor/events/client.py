@@ -108,7 +108,7 @@ class ServerLink:
     """One event server: connect, hello, subscribe, read; reconnect until stopped.
 
     It serves its EventClient, which it tells of what happens through the client's link
-    interface: subscriptions(), retained_frames(), link_up(link), deliver(message, server),
+    interface: subscriptions(link), retained_frames(), link_up(link), deliver(message, server),
     server_error(link, error frame), link_down(link); and whose settings it reads.
     """
 
@@ -196,7 +196,7 @@ class ServerLink:
         self.keepalive = float(hello.get("keepalive", 1.0))
         tls_socket.settimeout(self.keepalive * 3)
         self.connected = True
-        topics = self.client.subscriptions()
+        topics = self.client.subscriptions(self)
         for start in range(0, len(topics), protocol.MAX_TOPICS_PER_FRAME):
             chunk = topics[start : start + protocol.MAX_TOPICS_PER_FRAME]
             self._writer.send(protocol.encode({"type": "subscribe", "topics": chunk}))
@@ -291,7 +291,9 @@ class EventClient:
         self.backoff_min, self.backoff_max = backoff
         self.send_queue_limit = send_queue_limit
         self.handlers = collections.defaultdict(list)
-        self.retained = {}
+        self.retained = {}  # topic -> [publish frame]: one, or a log's in order
+        self._every_copy = set()  # topics whose handlers get every copy (subscribe(deduplicate=False))
+        self._one_server = {}  # topic -> the link it is followed through (subscribe(one_server=True))
         self.links = {}
         self.session = os.urandom(8).hex()
         self._sequences = collections.defaultdict(lambda: itertools.count(1))
@@ -318,14 +320,41 @@ class EventClient:
 
     # -- application API ------------------------------------------------------
 
-    def subscribe(self, topic, handler):
-        """handler(Message) for every message on topic, once each."""
+    def subscribe(self, topic, handler, deduplicate=True, one_server=False):
+        """handler(Message) for every message on topic, once each (the settings hold for every
+        handler of topic). deduplicate=False: every copy, through every server and as often as
+        a server sends it again (see refresh). one_server=True: the topic is followed through
+        one connected server only, another when its link drops (whose subscription hands over
+        what it retains): a third of the bytes with three servers, for a topic whose receiver
+        recovers what it misses (the network status)."""
         if not protocol.is_topic(topic):
             raise ValueError(f"invalid topic {topic!r}")
+        if not deduplicate:
+            self._every_copy.add(topic)
         new = topic not in self.handlers
         self.handlers[topic].append(handler)
-        if new:
+        if new and one_server:
+            self._one_server[topic] = None
+            self._follow_elsewhere(topic)
+        elif new:
             self._broadcast(protocol.encode({"type": "subscribe", "topics": [topic]}))
+
+    def refresh(self, topic):
+        """Ask one connected server for what is retained on topic again (its handlers get it
+        as new messages only with deduplicate=False); returns whether a server was asked."""
+        frame = protocol.encode({"type": "subscribe", "topics": [topic]})
+        following = self._one_server.get(topic)
+        if following is not None and following.send(frame):
+            return True
+        return any(link.send(frame) for link in self.links.values() if link.connected)
+
+    def _follow_elsewhere(self, topic, lost=None):
+        """A one_server topic through a connected link (a random one: members spread over the servers)."""
+        connected = [link for link in self.links.values() if link.connected and link is not lost]
+        link = random.choice(connected) if connected else None
+        self._one_server[topic] = link
+        if link is not None:
+            link.send(protocol.encode({"type": "subscribe", "topics": [topic]}))
 
     def forget_session(self, publisher, session):
         """Messages of (publisher, session) will be delivered again, as if never seen."""
@@ -339,12 +368,14 @@ class EventClient:
             del self.handlers[topic]
             self._broadcast(protocol.encode({"type": "unsubscribe", "topics": [topic]}))
 
-    def publish(self, topic, body, retain=False):
+    def publish(self, topic, body, retain=False, deliver=True):
         """Send body on topic to every connected server; returns how many it was queued for.
 
         retain=True: the servers hand it to later subscribers while this
         member is connected, and it is sent again to every server this client
-        (re)connects to.
+        (re)connects to. retain="append" (log topics): the same, after what
+        this client retained on topic before; True starts the log anew.
+        deliver=False: retained only, not sent to the current subscribers.
         """
         if not protocol.is_topic(topic):
             raise ValueError(f"invalid topic {topic!r}")
@@ -355,11 +386,14 @@ class EventClient:
                 "session": self.session,
                 "seq": next(self._sequences[topic]),
                 "retain": retain,
+                **({} if deliver else {"deliver": False}),
                 "body": body,
             }
         )
-        if retain:
-            self.retained[topic] = frame
+        if retain == protocol.APPEND:
+            self.retained.setdefault(topic, []).append(frame)
+        elif retain:
+            self.retained[topic] = [frame]
         return self._broadcast(frame)
 
     def on_connect(self, callback):
@@ -450,16 +484,20 @@ class EventClient:
 
     # -- what the links use (ServerLink) ------------------------------------------
 
-    def subscriptions(self):
-        return sorted(self.handlers)
+    def subscriptions(self, link):
+        """The topics link subscribes to when it connects: all but the one_server topics
+        followed through another link."""
+        return sorted(topic for topic in self.handlers if self._one_server.get(topic, link) is link)
 
     def retained_frames(self):
-        return list(self.retained.values())
+        return [frame for frames in self.retained.values() for frame in frames]
 
     def deliver(self, message, server):
         """A message frame a link received: handed to the topic's handlers once, whichever server brought it."""
         topic = message["topic"]
-        if not self._dedup.first_time(message["publisher"], message["session"], topic, message["seq"]):
+        if topic not in self._every_copy and not self._dedup.first_time(
+            message["publisher"], message["session"], topic, message["seq"]
+        ):
             return
         handlers = self.handlers.get(topic)
         if not handlers:
@@ -478,11 +516,18 @@ class EventClient:
 
     def link_up(self, link):
         self._changed.set()
+        for topic, following in self._one_server.items():
+            if following is None or not following.connected:
+                self._one_server[topic] = link
+                link.send(protocol.encode({"type": "subscribe", "topics": [topic]}))
         for callback in tuple(self._connect_callbacks):
             _call(callback, link)
 
     def link_down(self, link):
         self._changed.set()
+        for topic, following in list(self._one_server.items()):
+            if following is link:
+                self._follow_elsewhere(topic, lost=link)
         for callback in tuple(self._disconnect_callbacks):
             _call(callback, link)
 

@@ -10,6 +10,7 @@ import re
 from thor.transport.framing import DEFAULT_MAX_FRAME_SIZE, encode_frame
 
 __all__ = [
+    "APPEND",
     "MAX_TOPICS_PER_FRAME",
     "PROTOCOL_VERSION",
     "ProtocolError",
@@ -22,6 +23,10 @@ PROTOCOL_VERSION = 1
 # every connected member can outgrow what members may send).
 MAX_SERVER_FRAME_SIZE = 16 << 20
 MAX_TOPICS_PER_FRAME = 64
+# A publication's retain: false (not kept), true (kept, replacing what the publisher's
+# connection kept on the topic) or "append" (added to it: a retained log, on log topics).
+APPEND = "append"
+RETAIN_VALUES = (False, True, APPEND)
 _TOPIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
@@ -94,7 +99,9 @@ def _check_publish(message):
         raise ProtocolError(INVALID, "publish: session must be 1 to 64 letters, digits, '_' or '-'")
     if _require(message, "seq", int) < 1:
         raise ProtocolError(INVALID, "publish: seq must be a positive integer")
-    _require(message, "retain", bool, optional=True)
+    if message.get("retain", False) not in RETAIN_VALUES:
+        raise ProtocolError(INVALID, 'publish: retain must be true, false or "append"')
+    _require(message, "deliver", bool, optional=True)
     if "body" not in message:
         raise ProtocolError(INVALID, "publish frame lacks 'body'")
 

@@ -22,6 +22,7 @@ __all__ = [
     "authorize_publish",
     "authorize_subscribe",
     "declare",
+    "is_log",
     "own_name",
     "role_rule",
 ]
@@ -80,19 +81,33 @@ _PUBLISH_PREFIX = {}
 _SUBSCRIBE_PREFIX = {}
 
 
-def declare(topic, publish=None, subscribe=None, prefix=False):
+# Topics whose publishers keep a retained log (retain "append"), bounded on its own
+# ([EventServer] max_log_bytes) rather than by the connection's retained bytes.
+_LOGS = set()
+
+
+def declare(topic, publish=None, subscribe=None, prefix=False, log=False):
     """Declare who may publish on topic (publish: rule(identity, body); none: every member
     for topics outside Thor., nobody for Thor.*) and who may read it (subscribe:
-    rule(identity, topic); none: every member). prefix: topic names every topic it starts."""
+    rule(identity, topic); none: every member). prefix: topic names every topic it starts.
+    log: a publisher's connection may keep a retained log on topic (a snapshot in parts and
+    the changes after it), which every new subscriber receives in order."""
     if publish is not None:
         (_PUBLISH_PREFIX if prefix else _PUBLISH)[topic] = publish
     if subscribe is not None:
         (_SUBSCRIBE_PREFIX if prefix else _SUBSCRIBE)[topic] = subscribe
+    if log:
+        _LOGS.add(topic)
+
+
+def is_log(topic):
+    """Whether topic keeps retained logs (declare(..., log=True))."""
+    return topic in _LOGS
 
 
 declare(PRESENCE, publish=_own_entity)
 declare(LEAVE, publish=own_name)
-declare(MEMBERS, publish=role_rule(roles.MANAGER))
+declare(MEMBERS, publish=role_rule(roles.MANAGER), log=True)
 declare(STATISTICS, publish=role_rule(roles.MEDIA_RELAY))
 declare(CONNECTIONS, publish=_nobody)
 

@@ -34,6 +34,11 @@ class EventServerConfig(Section):
     max_retained_bytes = Setting(
         Integer(1024, 1 << 30), "262144", "Bytes of retained messages one connection may hold on the server."
     )
+    max_log_bytes = Setting(
+        Integer(1 << 20, 1 << 32),
+        "67108864",
+        "Bytes of a retained log (the active manager's network status: a snapshot and the changes after it).",
+    )
 
     def validate(self):
         if self.idle_timeout < 2 * self.keepalive:

@@ -44,6 +44,7 @@ class EventServerDaemon(Daemon):
             max_subscriptions=config.max_subscriptions,
             max_retained=config.max_retained,
             max_retained_bytes=config.max_retained_bytes,
+            max_log_bytes=config.max_log_bytes,
         )
         presence = make_entity(identity.name, address, [ROLE], __version__, time.time(), attributes={"port": port})
         self.server = EventServer(identity.name, limits, presence=presence)

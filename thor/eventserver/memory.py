@@ -56,12 +56,14 @@ class MemoryBus:
         self.network.close((name, PORT))
         self.servers.pop(name).stop()
 
-    def client(self, name, member_roles, address=None, **settings):
-        """An EventClient of the member name whose certificate grants member_roles (not started)."""
+    def client(self, name, member_roles, address=None, servers=None, **settings):
+        """An EventClient of the member name whose certificate grants member_roles (not started),
+        connecting to servers ((name, PORT) endpoints; None: every server of the bus)."""
         identity = Identity(name, member_roles, next(self._serials), addresses=[address] if address else ())
         settings.setdefault("backoff", (0.02, 0.2))
         settings.setdefault("connect_timeout", 1.0)
-        client = EventClient(None, servers=self.endpoints, connector=self.network.connector(identity), **settings)
+        endpoints = self.endpoints if servers is None else servers
+        client = EventClient(None, servers=endpoints, connector=self.network.connector(identity), **settings)
         self.clients.append(client)
         return client
 

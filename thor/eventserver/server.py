@@ -53,6 +53,7 @@ class Limits:
         max_retained=16,
         max_sessions=8,
         max_retained_bytes=256 << 10,
+        max_log_bytes=64 << 20,
     ):
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -64,6 +65,7 @@ class Limits:
         self.max_retained = max_retained
         self.max_sessions = max_sessions
         self.max_retained_bytes = max_retained_bytes
+        self.max_log_bytes = max_log_bytes
 
 
 class Connection:
@@ -75,7 +77,7 @@ class Connection:
         self.identity = identity
         self.subscriptions = set()
         self.sessions = set()
-        self.retained = {}
+        self.retained = {}  # topic -> [frame]: one, or a log's in order (retain "append")
         self.registered = False
         self.writer = QueuedWriter(tls_socket, server.limits.send_queue_limit, on_overflow=self._overflow)
 
@@ -274,9 +276,11 @@ class EventServer:
             raise ProtocolError(protocol.OVERSIZED, "publish body grows beyond the maximum frame size") from None
         if not self._track_session(connection, message["session"], topic):
             return
-        if message.get("retain"):
-            self._retain(connection, topic, seq, frame)
-        self._deliver(topic, frame)
+        retain = message.get("retain", False)
+        if retain:
+            self._retain(connection, topic, seq, frame, retain)  # refused: the publisher is told
+        if message.get("deliver", True):
+            self._deliver(topic, frame)
 
     def _track_session(self, connection, session, topic):
         """Announce a connection's new session; False when it may hold no more.
@@ -297,27 +301,25 @@ class EventServer:
         self._deliver(topics.CONNECTIONS, self._event_frame(event))
         return True
 
-    def _retain(self, connection, topic, seq, frame):
+    def _retain(self, connection, topic, seq, frame, retain):
+        """Keep frame for later subscribers (retain True: instead of what was kept on topic;
+        "append": after it, on a log topic); False, with the publisher told, when refused."""
         retained = connection.retained
-        if topic not in retained and len(retained) >= self.limits.max_retained:
-            connection.refuse(
-                protocol.LIMIT,
-                f"at most {self.limits.max_retained} retained topics per connection",
-                topic=topic,
-                seq=seq,
-            )
-        elif (
-            sum(map(len, retained.values())) - len(retained.get(topic, b"")) + len(frame)
-            > self.limits.max_retained_bytes
-        ):
-            connection.refuse(
-                protocol.LIMIT,
-                f"at most {self.limits.max_retained_bytes} bytes retained per connection",
-                topic=topic,
-                seq=seq,
-            )
+        log_topic = topics.is_log(topic)
+        kept = [*retained.get(topic, ()), frame] if retain == protocol.APPEND else [frame]
+        if retain == protocol.APPEND and not log_topic:
+            refusal = f"{topic} keeps no retained log"
+        elif topic not in retained and len(retained) >= self.limits.max_retained:
+            refusal = f"at most {self.limits.max_retained} retained topics per connection"
+        elif log_topic and sum(map(len, kept)) > self.limits.max_log_bytes:
+            refusal = f"at most {self.limits.max_log_bytes} bytes in a retained log"
+        elif not log_topic and _retained_bytes(retained, but=topic) + len(frame) > self.limits.max_retained_bytes:
+            refusal = f"at most {self.limits.max_retained_bytes} bytes retained per connection"
         else:
-            retained[topic] = frame
+            retained[topic] = kept
+            return True
+        connection.refuse(protocol.LIMIT, refusal, topic=topic, seq=seq)
+        return False
 
     def _deliver(self, topic, frame):
         subscribers = self.topics.get(topic)
@@ -328,6 +330,8 @@ class EventServer:
     def _subscribe(self, connection, names):
         for topic in names:
             if topic in connection.subscriptions:
+                # Subscribing again asks for what is retained again (a member that lost track).
+                self._send_retained(connection, topic)
                 continue
             try:
                 topics.authorize_subscribe(connection.identity, topic)
@@ -346,10 +350,12 @@ class EventServer:
                 members = [other.describe() for other in self.connections.values()]
                 snapshot = {"event": "snapshot", "server": self.name, "session": self.session, "members": members}
                 connection.send(self._event_frame(snapshot))
-            for other in tuple(self.connections.values()):
-                frame = other.retained.get(topic)
-                if frame is not None:
-                    connection.send(frame)
+            self._send_retained(connection, topic)
+
+    def _send_retained(self, connection, topic):
+        for other in tuple(self.connections.values()):
+            for frame in other.retained.get(topic, ()):
+                connection.send(frame)
 
     def _drop_subscription(self, connection, topic):
         connection.subscriptions.discard(topic)
@@ -394,3 +400,13 @@ class EventServer:
             },
             protocol.MAX_SERVER_FRAME_SIZE,
         )
+
+
+def _retained_bytes(retained, but):
+    """The bytes a connection retains on topics other than but, its logs apart (bounded on their own)."""
+    return sum(
+        len(frame)
+        for topic, frames in retained.items()
+        if topic != but and not topics.is_log(topic)
+        for frame in frames
+    )

@@ -7,7 +7,7 @@ from thor.datatypes import Float
 class ManagerConfig(Section):
     name = "Manager"
     status_interval = Setting(
-        Float(0.5, 3600), "5", "Seconds between publications of the network status when nothing changes."
+        Float(0.5, 3600), "5", "Seconds between the active manager's word on which network status version is current."
     )
     coalesce = Setting(
         Float(0, 5),

@@ -3,23 +3,50 @@
 Every manager follows Thor.Connections, Thor.Presence and Thor.Leave from all
 event servers into its NetworkView, and evaluates (coalesced over `coalesce`
 seconds after a change, and every `status_interval` seconds) who is active.
-The active manager publishes the live members on Thor.Members, retained, at
-once when they change and again every status_interval; its versions only grow
-(docs/membership.md). The daemon (thor.manager.main) runs one Manager with
-the member's event client; tests run several on an in-memory bus.
+The active manager publishes the live members on Thor.Members
+(thor.membership.status, docs/protocol.md): a snapshot in parts when it
+becomes active, then the changes from each version to the next, all kept on
+the event servers as a retained log that every newcomer receives; once the
+changes outweigh the snapshot, a new snapshot replaces the log on the servers
+without being sent to the members that follow already. Every status_interval
+it says which version is current, so that a member that missed a change asks
+again. Its versions only grow (docs/membership.md). A publication that fails
+is logged as an error and tried again; nothing counts as published before
+it went out. The daemon (thor.manager.main) runs one Manager with the
+member's event client; tests run several on an in-memory bus.
 """
 
+import collections
 import logging
+import os
+import time
 
 import gevent
 
+from thor.events import protocol
 from thor.events.topics import CONNECTIONS, LEAVE, MEMBERS, PRESENCE
 from thor.manager.view import NetworkView
-from thor.membership.status import NetworkStatus, next_version
+from thor.membership.status import (
+    PART_MEMBERS,
+    NetworkStatus,
+    changes_body,
+    current_body,
+    next_version,
+    snapshot_bodies,
+)
 
 __all__ = ["Manager"]
 
 log = logging.getLogger("thor-manager")
+
+# Seconds before a publication that failed is tried again.
+RETRY_AFTER = 1.0
+# Under a stream of changes (STORM publications within a second: a network starting, many
+# members flapping) changes go out at most every MIN_INTERVAL, each carrying all gathered
+# since the last: every member applies a few a second whatever the churn. Other changes go
+# out after `coalesce`.
+MIN_INTERVAL = 0.25
+STORM = 5
 
 
 class Manager:
@@ -35,8 +62,11 @@ class Manager:
         self.active = False
         self.active_name = None
         self.highest_version = 0
-        self.published_members = None
-        self.published_version = 0
+        self.published = None  # the NetworkStatus last published, None: a new chain is due
+        self.snapshot_bytes = 0  # what the chain's latest snapshot weighs, and the changes since
+        self.changes_bytes = 0
+        self._compact = False  # the servers' logs need a new snapshot (one refused a publication)
+        self._recent = collections.deque(maxlen=STORM)  # when the latest changes went out (monotonic)
         self._pending = None
         self._ticker = None
 
@@ -47,6 +77,7 @@ class Manager:
         self.client.subscribe(LEAVE, self._on_leave)
         self.client.subscribe(MEMBERS, self._on_status)
         self.client.on_disconnect(self._on_server_lost)
+        self.client.on_error(self._on_server_error)
         self._ticker = gevent.spawn(self._tick)
 
     def stop(self):
@@ -84,21 +115,33 @@ class Manager:
 
     def _on_status(self, message):
         version = message.body.get("version") if isinstance(message.body, dict) else None
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             return
         self.highest_version = max(self.highest_version, version)
-        if self.active and message.publisher != self.name and version >= self.published_version:
+        published = self.published
+        if self.active and message.publisher != self.name and published and version >= published.version:
             # Another manager believed itself active for a moment: outbid its
-            # retained status so that ours is the newest everywhere.
-            log.info("status v%d from %s seen while active; republishing", version, message.publisher)
-            self.published_members = None
+            # status with a new chain, so that ours is the newest everywhere.
+            log.info("status v%d from %s seen while active; publishing anew", version, message.publisher)
+            self.published = None
+            self._changed()
+
+    def _on_server_error(self, link, error):
+        if error.get("topic") == MEMBERS:
+            # Its log on that server misses a publication: a new snapshot makes it whole.
+            log.error("%s refused a network status publication: %s", link, error.get("message"))
+            self._compact = True
             self._changed()
 
     # -- election and publication ---------------------------------------------
 
-    def _changed(self):
+    def _changed(self, delay=None):
         if self._pending is None:
-            self._pending = gevent.spawn_later(self.coalesce, self._evaluate)
+            if delay is None:
+                now = time.monotonic()
+                storm = len(self._recent) == STORM and now - self._recent[0] < 1.0
+                delay = max(self.coalesce, self._recent[-1] + MIN_INTERVAL - now) if storm else self.coalesce
+            self._pending = gevent.spawn_later(delay, self._evaluate)
 
     def _tick(self):
         while True:
@@ -109,8 +152,12 @@ class Manager:
         self._pending = None
         try:
             self._elect_and_publish(periodic)
-        except Exception:
-            log.exception("network status evaluation failed")
+        except Exception as error:
+            # Nothing counted as published: the next try starts from what went out last.
+            log.error("could not publish the network status (trying again in %gs): %s", RETRY_AFTER, error)
+            log.debug("publication failure", exc_info=True)
+            self._compact = True  # a snapshot cut short leaves the servers' logs to be made whole
+            self._changed(RETRY_AFTER)
 
     def _elect_and_publish(self, periodic):
         active_name = self.view.active_manager()
@@ -119,20 +166,61 @@ class Manager:
             self.active = active_name == self.name
             if self.active:
                 log.info("this manager is now the active manager")
-                self.published_members = None
+                self.published = None
             else:
                 log.info("standing by; the active manager is %s", active_name or "(none yet)")
+                self._stand_down()
         if not self.active:
             return
         members = self.view.live_members()
-        if members != self.published_members:
-            self.published_version = next_version(max(self.highest_version, self.published_version))
-            self.published_members = members
-            log.info("publishing %r", self._publish(members))
+        published = self.published
+        if published is None:
+            chain = os.urandom(6).hex()
+            status = NetworkStatus(next_version(self.highest_version), self.name, members, chain=chain)
+            self._publish_snapshot(status, deliver=True)
+            log.info("publishing %r (chain %s)", status, chain)
+        elif members != published.members:
+            version = next_version(max(self.highest_version, published.version))
+            status = NetworkStatus(version, self.name, members, chain=published.chain)
+            self._publish_changes(published, status)
+            log.info("publishing %r", status)
+        elif self._compact:
+            self._publish_snapshot(published, deliver=False)
         elif periodic:
-            self._publish(members)
+            self.client.publish(MEMBERS, current_body(published))
 
-    def _publish(self, members):
-        status = NetworkStatus(self.published_version, self.name, members)
-        self.client.publish(MEMBERS, status.to_json(), retain=True)
-        return status
+    def _stand_down(self):
+        """No longer active: our log on the servers shrinks to the version it ended at, which
+        newcomers ignore (the active manager's versions are higher)."""
+        if self.published is not None:
+            self.client.publish(MEMBERS, current_body(self.published), retain=True, deliver=False)
+            self.published = None
+
+    def _publish_snapshot(self, status, deliver):
+        """status as a snapshot that starts the servers' logs anew; deliver=False: only for
+        newcomers (the members that follow hold it already)."""
+        size = 0
+        for index, body in enumerate(snapshot_bodies(status)):
+            retain = True if index == 0 else protocol.APPEND
+            self.client.publish(MEMBERS, body, retain=retain, deliver=deliver)
+            size += len(protocol.encode(body, protocol.MAX_SERVER_FRAME_SIZE))
+        self.published, self.snapshot_bytes, self.changes_bytes, self._compact = status, size, 0, False
+        if deliver:
+            self._recent.append(time.monotonic())
+        self.highest_version = max(self.highest_version, status.version)
+
+    def _publish_changes(self, old, new):
+        body = changes_body(old, new)
+        if len(body["entries"]) + len(body["left"]) > PART_MEMBERS:
+            # Most of a part changed at once (a network starting): the snapshot costs no more,
+            # and its parts stay within a frame whatever the size.
+            self._publish_snapshot(new, deliver=True)
+            return
+        self.client.publish(MEMBERS, body, retain=protocol.APPEND)
+        self._recent.append(time.monotonic())
+        self.published = new
+        self.highest_version = max(self.highest_version, new.version)
+        self.changes_bytes += len(protocol.encode(body, protocol.MAX_SERVER_FRAME_SIZE))
+        if self.changes_bytes > self.snapshot_bytes:
+            # The log on the servers outweighs a snapshot: a new one replaces it.
+            self._publish_snapshot(new, deliver=False)

@@ -29,7 +29,13 @@ class OverlayMember:
         self.since = time.time()
         self.status = StatusCache()
         if follow_status:
-            client.subscribe(MEMBERS, lambda message: self.status.update(message.body))
+            # Through one event server (another when its link drops: the retained log catches up),
+            # every copy: the status tells copies apart by version, and a member that missed a
+            # change asks the server for the retained status again (copies it has seen).
+            client.subscribe(
+                MEMBERS, lambda message: self.status.update(message.body), deduplicate=False, one_server=True
+            )
+            self.status.on_gap = lambda: client.refresh(MEMBERS)
 
     @property
     def entity(self):
