@@ -281,7 +281,16 @@ def measure(directory, pki, total, worker_count, log, churn_seconds=CHURN_SECOND
     workers = [WorkerProcess(pki.directory, endpoints, share, total, log, rate) for share in shares]
     result = {"members": total}
     try:
-        last_start = max(worker.read("started", total / start_rate + CONVERGE_LIMIT)["time"] for worker in workers)
+        limit = total / start_rate + CONVERGE_LIMIT
+        try:
+            last_start = max(worker.read("started", limit)["time"] for worker in workers)
+        except TimeoutError:
+            result["stopped"] = (
+                f"the worker processes did not start all {total} members within {limit:.0f} s: each does the"
+                f" work of {total // worker_count} hosts; the overlay's programs meanwhile: "
+                + ", ".join(f"{name} {rss:.0f} MiB {cpu:.0f}%" for name, (rss, cpu) in usage(programs, 5).items())
+            )
+            return result
         converged = ask_all(workers, "converged", CONVERGE_LIMIT + 10, command="converge")
         result["converge_s"] = max(message["time"] for message in converged) - last_start
         if not all(message["ok"] for message in converged):
@@ -345,7 +354,8 @@ def measure(directory, pki, total, worker_count, log, churn_seconds=CHURN_SECOND
 
 def print_result(result):
     print(f"\n{result['members']} members")
-    print(f"  converged {result['converge_s']:.1f} s after the last member started")
+    if "converge_s" in result:
+        print(f"  converged {result['converge_s']:.1f} s after the last member started")
     if "stopped" in result:
         print(f"  STOPPED: {result['stopped']}")
         return
