@@ -339,3 +339,22 @@ def test_event_servers_keep_a_log_on_log_topics_hand_it_to_newcomers_and_again_o
     wait_for(lambda: newcomer[9:] == [5, 5], message="5, delivered through both servers")
     late.refresh(MEMBERS)
     wait_for(lambda: newcomer[9:] == [5, 5, 5], message="the new log: 5 alone")
+
+
+def test_snapshot_parts_stay_small_however_large_the_members_are_and_a_cache_bounds_what_it_gathers():
+    big = {f"attribute{index}": "x" * 200 for index in range(32)}
+    members = {}
+    for index in range(300):
+        view = NetworkView()
+        presence = make_entity(f"n{index:03d}", "10.0.0.1", [roles.SIP_PROXY], "0.1.0", 1.0, attributes=big)
+        view.update_presence(presence["name"], "s", presence)
+        view.connected("es1", {"connection": 1, "name": presence["name"], "sessions": ["s"]})
+        members.update(view.live_members())
+    whole = NetworkStatus(9, "manager1", members, chain="c2")
+    parts = snapshot_bodies(whole)
+    assert len(protocol.encode(whole.to_json(), protocol.MAX_SERVER_FRAME_SIZE)) > 2 * protocol.DEFAULT_MAX_FRAME_SIZE
+    assert all(len(protocol.encode(body)) < 300 << 10 for body in parts) and len(parts) > 8
+    cache = StatusCache()
+    assert [cache.update(body) for body in parts][-1] is True and cache.status.members == whole.members
+    too_many = dict(parts[0], version=10, entries={f"x{i}": {} for i in range(1001)})
+    assert StatusCache().update(too_many) is False  # refused whole, not gathered

@@ -27,6 +27,7 @@ from thor.events import protocol
 from thor.events.topics import CONNECTIONS, LEAVE, MEMBERS, PRESENCE
 from thor.manager.view import NetworkView
 from thor.membership.status import (
+    PART_BYTES,
     PART_MEMBERS,
     NetworkStatus,
     changes_body,
@@ -211,7 +212,8 @@ class Manager:
 
     def _publish_changes(self, old, new):
         body = changes_body(old, new)
-        if len(body["entries"]) + len(body["left"]) > PART_MEMBERS:
+        size = len(protocol.encode(body, protocol.MAX_SERVER_FRAME_SIZE))
+        if len(body["entries"]) + len(body["left"]) > PART_MEMBERS or size > PART_BYTES:
             # Most of a part changed at once (a network starting): the snapshot costs no more,
             # and its parts stay within a frame whatever the size.
             self._publish_snapshot(new, deliver=True)
@@ -220,7 +222,7 @@ class Manager:
         self._recent.append(time.monotonic())
         self.published = new
         self.highest_version = max(self.highest_version, new.version)
-        self.changes_bytes += len(protocol.encode(body, protocol.MAX_SERVER_FRAME_SIZE))
+        self.changes_bytes += size
         if self.changes_bytes > self.snapshot_bytes:
             # The log on the servers outweighs a snapshot: a new one replaces it.
             self._publish_snapshot(new, deliver=False)

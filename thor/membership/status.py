@@ -39,6 +39,7 @@ understood, as a snapshot of one part.
 """
 
 import bisect
+import json
 import logging
 import time
 
@@ -62,11 +63,16 @@ __all__ = [
 
 log = logging.getLogger("thor.membership")
 
-# Members per snapshot part: about 60 KB a frame, far below any frame limit.
+# A snapshot part holds at most this many members and bytes (about 60 KB with usual members):
+# far below any frame limit, however large the members' attributes.
 PART_MEMBERS = 200
-# What a member holds while it gathers snapshots: parts, and snapshots at once.
-MAX_PARTS = 100000
-MAX_ASSEMBLIES = 4
+PART_BYTES = 256 << 10
+# What a member holds while it gathers snapshots: parts of one (1,000 parts are at least
+# 200,000 members), members in a part (the bound a publisher of another version keeps too),
+# snapshots at once.
+MAX_PARTS = 1000
+MAX_PART_MEMBERS = 1000
+MAX_ASSEMBLIES = 2
 # A member asks again for the retained status at most this often (seconds).
 GAP_RETRY = 1.0
 
@@ -258,10 +264,18 @@ def _count(body, key, low, high):
 # -- what the active manager publishes ----------------------------------------------
 
 
-def snapshot_bodies(status, part_members=PART_MEMBERS):
-    """The Thor.Members bodies of status as a snapshot: its members in parts (one at least)."""
-    names = sorted(status.members)
-    chunks = [names[start : start + part_members] for start in range(0, len(names), part_members)] or [[]]
+def snapshot_bodies(status, part_members=PART_MEMBERS, part_bytes=PART_BYTES):
+    """The Thor.Members bodies of status as a snapshot: its members in parts (one at least)
+    of at most part_members members and about part_bytes bytes."""
+    chunks, chunk, size = [], [], 0
+    for name in sorted(status.members):
+        member_size = len(json.dumps(status.members[name], separators=(",", ":")))
+        if chunk and (len(chunk) == part_members or size + member_size > part_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(name)
+        size += member_size
+    chunks.append(chunk)
     head = {
         "kind": "snapshot",
         "chain": status.chain,
@@ -369,7 +383,10 @@ class StatusCache:
             assembly = self._assemblies[key] = {"head": header, "parts": parts, "entries": {}}
         if part in assembly["entries"]:
             return False  # a copy through another event server
-        assembly["entries"][part] = _entries(body.get("entries"), "entries")
+        entries = body.get("entries")
+        if isinstance(entries, dict) and len(entries) > MAX_PART_MEMBERS:
+            raise StatusError(f"status part of {len(entries)} members (at most {MAX_PART_MEMBERS})")
+        assembly["entries"][part] = _entries(entries, "entries")
         if len(assembly["entries"]) < parts:
             return False
         del self._assemblies[key]
