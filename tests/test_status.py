@@ -6,6 +6,7 @@ Real event servers, event clients and managers on the in-memory bus
 
 import json
 import logging
+import random
 
 import gevent
 import pytest
@@ -358,3 +359,18 @@ def test_snapshot_parts_stay_small_however_large_the_members_are_and_a_cache_bou
     assert [cache.update(body) for body in parts][-1] is True and cache.status.members == whole.members
     too_many = dict(parts[0], version=10, entries={f"x{i}": {} for i in range(1001)})
     assert StatusCache().update(too_many) is False  # refused whole, not gathered
+
+
+def test_changes_keep_the_roles_what_a_whole_status_of_the_same_members_has():
+    pool = status_of(40).members
+    rng = random.Random(7)
+    status = NetworkStatus(1, "manager1", {}, chain="c3")
+    for step in range(300):
+        names = rng.sample(sorted(pool), 4)
+        entries = {name: pool[name] for name in names[:2] if rng.random() < 0.7}
+        if rng.random() < 0.3 and entries:  # a member that changed its roles
+            name = next(iter(entries))
+            entries[name] = dict(entries[name], roles=[roles.MEDIA_RELAY], services={})
+        left = [name for name in names[2:] if name in status.members]
+        status = status.changed(step + 2, "manager1", 0.0, entries, left)
+        assert status.roles == NetworkStatus(step + 2, "manager1", status.members).roles

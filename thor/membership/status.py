@@ -162,15 +162,23 @@ class NetworkStatus:
     def changed(self, version, manager, published, entries, left):
         """This status with the members of entries (name -> member) replaced or added and
         those of left gone: what a change costs a member grows with what changed."""
-        touched = set(entries) | set(left)
         members = dict(self.members)
         for name in left:
             members.pop(name, None)
         members.update(entries)
-        roles = {role: [name for name in names if name not in touched] for role, names in self._roles.items()}
+        # Only the roles of the members that changed are touched (a role of thousands keeps its
+        # tuple when none of its members changed).
+        roles = dict(self._roles)
+        for name in [*left, *entries]:
+            for role in self.members[name]["roles"] if name in self.members else ():
+                names = list(roles[role])
+                del names[bisect.bisect_left(names, name)]
+                roles[role] = names
         for name, member in entries.items():
             for role in member["roles"]:
-                bisect.insort(roles.setdefault(role, []), name)
+                names = list(roles.get(role, ()))
+                bisect.insort(names, name)
+                roles[role] = names
         return NetworkStatus(version, manager, members, published, self.chain, roles)
 
     @classmethod
