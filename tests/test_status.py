@@ -241,7 +241,7 @@ def test_a_publication_that_fails_is_reported_and_tried_again_never_counted_as_p
     assert status.version == manager.published.version and "node1" in manager.published.members
 
 
-def test_a_status_the_servers_refuse_to_keep_is_an_error_the_manager_reports_and_retries():
+def test_a_status_the_servers_refuse_to_keep_is_an_error_the_manager_reports_and_retries(caplog):
     small = MemoryBus(servers=1, max_log_bytes=1 << 20)
     try:
         manager_member, manager = start_manager(small, "manager1")
@@ -254,6 +254,10 @@ def test_a_status_the_servers_refuse_to_keep_is_an_error_the_manager_reports_and
         manager._changed()
         wait_for(lambda: len(errors) >= 2, 10, message="the refusal reported again and again")
         assert errors[0]["code"] == protocol.LIMIT and errors[0]["topic"] == MEMBERS
+        with caplog.at_level(logging.ERROR, logger="thor-manager"):
+            gevent.sleep(3)
+        # Reported and tried again about once a second (and at each 0.5 s tick here), not in a loop.
+        assert 1 <= caplog.text.count("refused a network status publication") <= 8
     finally:
         small.close()
 

@@ -129,10 +129,12 @@ class Manager:
 
     def _on_server_error(self, link, error):
         if error.get("topic") == MEMBERS:
-            # Its log on that server misses a publication: a new snapshot makes it whole.
-            log.error("%s refused a network status publication: %s", link, error.get("message"))
+            # Its log on that server misses a publication: a new snapshot makes it whole (tried
+            # again no sooner than RETRY_AFTER: a server that keeps refusing is no log flood).
+            if not self._compact:  # once per attempt, not once per part refused
+                log.error("%s refused a network status publication: %s", link, error.get("message"))
             self._compact = True
-            self._changed()
+            self._changed(RETRY_AFTER)
 
     # -- election and publication ---------------------------------------------
 
