@@ -95,6 +95,11 @@ def test_a_withdrawn_role_says_why_until_a_program_announces_it():
         {"services": {"sip_proxy": {"since": 1, "attributes": {"port": [1]}}}},
         {"services": {"Not A Role": {"since": 1, "attributes": {}}}},
         {"withdrawn": {"sip_proxy": 5}},
+        {"address": "192.0.2.300"},
+        {"address": "node1.example"},
+        {"address": 3221225985},
+        {"name": ""},
+        {"since": True},
     ],
 )
 def test_a_malformed_status_member_is_refused(change):
@@ -105,6 +110,13 @@ def test_a_malformed_status_member_is_refused(change):
     assert validate_member(body) == body
     with pytest.raises(EntityError):
         validate_member({**body, **change})
+
+
+def test_a_status_members_address_is_kept_in_its_canonical_form():
+    body = {"name": "node1", "address": "2001:DB8:0::21", "services": {}, "since": 1}
+    assert validate_member(body)["address"] == "2001:db8::21"
+    assert validate_member(dict(body, address="192.0.2.21"))["address"] == "192.0.2.21"
+    assert validate_member(body)["address"] == "2001:db8::21"  # the same answer a second time
 
 
 def test_expectations_name_the_missing_member_role_and_health_check():

@@ -12,11 +12,19 @@ their own, docs/membership.md); withdrawn names the roles the program would
 announce but whose service fails its health check, and why.
 """
 
+import functools
 import ipaddress
 
 from thor.roles import RoleError, check_role_name
 
-__all__ = ["EntityError", "make_entity", "validate_attributes", "validate_entity", "validate_withdrawn"]
+__all__ = [
+    "EntityError",
+    "make_entity",
+    "validate_attributes",
+    "validate_entity",
+    "validate_identity",
+    "validate_withdrawn",
+]
 
 MAX_ATTRIBUTES = 32
 MAX_TEXT = 256
@@ -45,12 +53,20 @@ def validate_entity(body):
     """Return a normalized copy of body, or raise EntityError saying what is wrong."""
     if not isinstance(body, dict):
         raise EntityError("entity is not an object")
+    entity = validate_identity(body, body.get("roles"))
+    entity["attributes"] = validate_attributes(entity["name"], body.get("attributes", {}))
+    entity["withdrawn"] = validate_withdrawn(entity["name"], body.get("withdrawn", {}))
+    return entity
+
+
+def validate_identity(body, roles):
+    """A normalized copy of the fields every entity has (name, address, roles, version, status,
+    since), roles being given apart (a status member's are its services' roles)."""
     name = _text(body, "name")
     try:
-        address = str(ipaddress.ip_address(_text(body, "address")))
+        address = _normal_address(_text(body, "address"))
     except ValueError:
         raise EntityError(f"entity {name}: address is not an IP address") from None
-    roles = body.get("roles")
     if not isinstance(roles, list):
         raise EntityError(f"entity {name}: roles is not a list")
     try:
@@ -67,9 +83,14 @@ def validate_entity(body):
         "version": _text(body, "version", default=""),
         "status": _text(body, "status", default="ok"),
         "since": float(since),
-        "attributes": validate_attributes(name, body.get("attributes", {})),
-        "withdrawn": validate_withdrawn(name, body.get("withdrawn", {})),
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_address(text):
+    """The canonical text of an IP address. Cached: every status a member receives repeats the same
+    few thousand addresses, and parsing one costs more than the rest of its member's checks."""
+    return str(ipaddress.ip_address(text))
 
 
 def validate_attributes(name, attributes):

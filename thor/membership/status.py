@@ -46,7 +46,7 @@ import time
 import gevent
 from gevent.event import Event
 
-from thor.membership.entity import MAX_TEXT, EntityError, validate_attributes, validate_entity, validate_withdrawn
+from thor.membership.entity import MAX_TEXT, EntityError, validate_attributes, validate_identity, validate_withdrawn
 
 __all__ = [
     "PART_MEMBERS",
@@ -120,8 +120,8 @@ def validate_member(body):
     services = body.get("services")
     if not isinstance(services, dict):
         raise EntityError(f"member {str(body.get('name'))[:MAX_TEXT]}: services is not an object")
-    # The member's own fields have the shape of a presence entity with its roles being its services' roles.
-    member = validate_entity({**body, "roles": list(services), "attributes": {}})
+    # The member's own fields are a presence entity's, its roles being its services' roles.
+    member = validate_identity(body, list(services))
     name = member["name"]
     checked = {}
     for role, service in services.items():
@@ -134,7 +134,6 @@ def validate_member(body):
             raise EntityError(f"member {name}: service {role}: version is not a short text")
         attributes = validate_attributes(name, service.get("attributes", {}))
         checked[role] = {"since": float(since), "version": version, "attributes": attributes}
-    del member["attributes"]
     member["services"] = checked
     member["withdrawn"] = validate_withdrawn(name, body.get("withdrawn", {}))
     return member
@@ -168,18 +167,22 @@ class NetworkStatus:
         members.update(entries)
         # Only the roles of the members that changed are touched (a role of thousands keeps its
         # tuple when none of its members changed).
-        roles = dict(self._roles)
+        touched = {}  # role -> its names, copied once
+
+        def names_of(role):
+            names = touched.get(role)
+            if names is None:
+                names = touched[role] = list(self._roles.get(role, ()))
+            return names
+
         for name in [*left, *entries]:
             for role in self.members[name]["roles"] if name in self.members else ():
-                names = list(roles[role])
+                names = names_of(role)
                 del names[bisect.bisect_left(names, name)]
-                roles[role] = names
         for name, member in entries.items():
             for role in member["roles"]:
-                names = list(roles.get(role, ()))
-                bisect.insort(names, name)
-                roles[role] = names
-        return NetworkStatus(version, manager, members, published, self.chain, roles)
+                bisect.insort(names_of(role), name)
+        return NetworkStatus(version, manager, members, published, self.chain, {**self._roles, **touched})
 
     @classmethod
     def empty(cls):
