@@ -167,6 +167,12 @@ class TLSConfig(Section):
         "The provider CRL (PEM). Required: without a CRL every peer is refused. "
         "Re-read on SIGHUP and when the file changes.",
     )
+    learned_crl = Setting(
+        Path(allow_empty=True),
+        "/var/lib/thor/crl.pem",
+        "Where this host keeps a newer CRL than `crl` that another member handed over (the CRL "
+        "spreads over the bus, docs/pki.md); writable by the thor user. Empty: take none.",
+    )
     handshake_timeout = Setting(
         Float(0.1, 300),
         "5",

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import re
-import tempfile
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -33,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from thor.config import Section, Setting
 from thor.datatypes import Integer, NameList, Path
+from thor.files import write_atomic
 from thor.identity import role_uri
 from thor.roles import RoleError, parse_roles
 from thor.x509compat import crl_last_update, crl_next_update, not_valid_after
@@ -405,29 +405,12 @@ def _index_bytes(data):
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_atomic(path, data, mode):
-    """Write a whole file or nothing: readers never see half a certificate or CRL."""
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def _write_private(path, data):
-    _write_atomic(path, data, 0o600)
+    write_atomic(path, data, 0o600)
 
 
 def _write_public(path, data):
-    _write_atomic(path, data, 0o644)
+    write_atomic(path, data, 0o644)
 
 
 @contextlib.contextmanager

@@ -3,11 +3,18 @@
 import argparse
 import json
 import sys
+import time
 from datetime import UTC, datetime
 
-from thor import __version__
-from thor.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+import gevent
+
+from thor import __version__, roles
+from thor.config import DEFAULT_CONFIG_PATH, EVENT_SERVER_PORT, ConfigError, ThorNetworkConfig, load_config
+from thor.datatypes import EndpointList
+from thor.events import topics
+from thor.events.client import EventClient
 from thor.pki import REVOCATION_REASONS, CertificateAuthority, PKIConfig, PKIError
+from thor.transport.tls import TLSContexts, TLSError
 
 EX_USAGE = 2
 EX_FAILURE = 1
@@ -44,6 +51,14 @@ def build_parser():
 
     crl = commands.add_parser("crl", help="re-issue the CRL (do it before it expires)")
     crl.add_argument("--days", type=int, help="CRL validity in days (default: [PKI] crl_days)")
+
+    publish = commands.add_parser(
+        "publish-crl", help="hand the CRL to the event servers, which pass it on to every member"
+    )
+    publish.add_argument(
+        "--servers", metavar="HOST:PORT,...", help="event servers (default: [ThorNetwork] of the configuration)"
+    )
+    publish.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the servers (30)")
 
     listing = commands.add_parser("list", help="list issued certificates")
     listing.add_argument("--json", action="store_true", help="machine readable output")
@@ -111,6 +126,59 @@ def command_crl(options, config, directory):
     return 0
 
 
+# The certificate the CA gives itself to reach the event servers (role monitor: it announces nothing).
+PUBLISHER = "thor-pki"
+
+
+def command_publish_crl(options, config, directory):
+    ca = _open(config, directory)
+    if options.servers:
+        try:
+            servers = EndpointList(EVENT_SERVER_PORT).parse(options.servers)
+        except ValueError as error:
+            raise PKIError(f"--servers: {error}") from None
+        discovery = {}
+    else:  # the event servers of [ThorNetwork], or its domain's SRV records
+        (network,) = load_config(
+            options.config or DEFAULT_CONFIG_PATH, ThorNetworkConfig, required=options.config is not None
+        )
+        servers = network.event_servers
+        discovery = {"domain": network.domain, "nameservers": network.nameservers}
+    if not any(record.name == PUBLISHER and record.status() == "valid" for record in ca.records()):
+        ca.issue(PUBLISHER, [roles.MONITOR], days=config.certificate_days, replace=True)
+    try:
+        contexts = TLSContexts(
+            ca.ca_certificate_path, ca.certificate_path(PUBLISHER), ca.key_path(PUBLISHER), ca.crl_path
+        )
+    except TLSError as error:
+        raise PKIError(str(error)) from None
+    ours = contexts.revocation_list
+    held = {}  # event server -> the CRL it hands out
+    client = EventClient(contexts, servers=servers, connect_timeout=5.0, **discovery)
+    client.subscribe(topics.CRL, lambda message: held.__setitem__(message.server, message.body.get("crl")))
+    client.start()
+    try:
+        deadline = time.monotonic() + options.timeout
+        while time.monotonic() < deadline:
+            connected = client.connected_servers
+            behind = [server for server in connected if (held.get(server) or "").encode() != ours.pem]
+            if connected and not behind and (not servers or len(connected) == len(servers)):
+                break
+            if behind:
+                client.publish(topics.CRL, {"crl": ours.pem.decode("ascii")})
+            gevent.sleep(1.5)
+    finally:
+        client.stop()
+    for server in sorted(held):
+        state = "holds it" if (held[server] or "").encode() == ours.pem else "does not take it (it holds a newer one?)"
+        print(f"{server}: {state}")
+    done = [server for server in held if (held[server] or "").encode() == ours.pem]
+    if not done or (servers and len(done) < len(servers)):
+        raise PKIError(f"{ours} reached {len(done)} of {len(servers) or 'the'} event servers in {options.timeout:g} s")
+    print(f"{ours} handed to {len(done)} event servers; they pass it on to every member")
+    return 0
+
+
 def command_list(options, config, directory):
     ca = _open(config, directory)
     now = datetime.now(UTC)
@@ -137,6 +205,7 @@ COMMANDS = {
     "issue": command_issue,
     "revoke": command_revoke,
     "crl": command_crl,
+    "publish-crl": command_publish_crl,
     "list": command_list,
 }
 

@@ -14,6 +14,7 @@ from thor import roles
 
 __all__ = [
     "CONNECTIONS",
+    "CRL",
     "LEAVE",
     "MEMBERS",
     "PRESENCE",
@@ -33,6 +34,9 @@ MEMBERS = "Thor.Members"
 STATISTICS = "Thor.Statistics"
 # Published by each event server about the members connected to it.
 CONNECTIONS = "Thor.Connections"
+# The provider CRL, {"crl": PEM}: any member may offer the one it holds; an event server takes
+# it only when it supersedes its own (thor.transport.crl) and then hands it to every subscriber.
+CRL = "Thor.CRL"
 
 RESERVED_PREFIX = "Thor."
 
@@ -110,6 +114,15 @@ declare(LEAVE, publish=own_name)
 declare(MEMBERS, publish=role_rule(roles.MANAGER), log=True)
 declare(STATISTICS, publish=role_rule(roles.MEDIA_RELAY))
 declare(CONNECTIONS, publish=_nobody)
+
+
+def _a_crl(identity, body):
+    """A CRL offer: its signature, not its sender, makes it good (checked by the event server)."""
+    if not isinstance(body, dict) or not isinstance(body.get("crl"), str):
+        raise ForbiddenError('a CRL offer is {"crl": PEM text}')
+
+
+declare(CRL, publish=_a_crl)
 
 
 def _rule(topic, rules, prefix_rules):

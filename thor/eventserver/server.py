@@ -15,6 +15,11 @@ away (crash, cut link, clean close), and answers a subscription to that topic
 with a snapshot of who is connected now. Retained publications (a member's
 presence, the manager's network status) are kept while their publisher is
 connected and handed to each new subscriber of the topic.
+
+Over TLS the server also keeps the network's newest CRL moving: a member
+offers its CRL on Thor.CRL; the server takes it when it supersedes its own
+(the CA's signature makes it good, whoever sends it), drops the connections
+it revokes, and hands it to every subscriber, as it does to each new one.
 """
 
 import collections
@@ -36,6 +41,10 @@ from thor.transport.writer import QueuedWriter
 __all__ = ["EventServer", "Limits"]
 
 log = logging.getLogger("thor.eventserver")
+
+# Seconds during which the server ignores a connection's CRL offers after refusing one (each
+# costs a signature check).
+CRL_OFFER_INTERVAL = 1.0
 
 
 class Limits:
@@ -79,6 +88,7 @@ class Connection:
         self.sessions = set()
         self.retained = {}  # topic -> [frame]: one, or a log's in order (retain "append")
         self.registered = False
+        self.crl_refused = -CRL_OFFER_INTERVAL  # when the server last refused its CRL offer
         self.writer = QueuedWriter(tls_socket, server.limits.send_queue_limit, on_overflow=self._overflow)
 
     def __str__(self):
@@ -136,6 +146,8 @@ class EventServer:
                 }
             )
         self._tls_server = None
+        self._contexts = None  # the TLS contexts, whose CRL the server hands out
+        self._crl_frame = None
 
     @property
     def address(self):
@@ -152,10 +164,15 @@ class EventServer:
             name="eventserver",
         )
         self._tls_server.start()
+        self._contexts = contexts
+        contexts.add_reload_callback(self._hand_out_crl)
+        self._hand_out_crl(contexts)
         log.info("event server %s listening on %s", self.name, format_address(self.address))
 
     def stop(self, timeout=5):
         """Close the listener and every member's connection."""
+        if self._contexts is not None:
+            self._contexts.remove_reload_callback(self._hand_out_crl)
         if self._tls_server is not None:
             self._tls_server.stop(timeout=timeout)
         for connection in list(self.connections.values()):
@@ -258,6 +275,9 @@ class EventServer:
             log.warning("refused publish of %s on %s: %s", connection, topic, reason)
             connection.refuse(protocol.FORBIDDEN, str(reason), topic=topic, seq=seq)
             return
+        if topic == topics.CRL:
+            self._offered_crl(connection, message["body"]["crl"])
+            return
         try:
             frame = protocol.encode(
                 {
@@ -281,6 +301,38 @@ class EventServer:
             self._retain(connection, topic, seq, frame, retain)  # refused: the publisher is told
         if message.get("deliver", True):
             self._deliver(topic, frame)
+
+    def _offered_crl(self, connection, pem):
+        """A member's CRL: taken when it supersedes ours (then handed out by _hand_out_crl). After
+        an offer it refused, the server looks at none of that connection's for a while."""
+        if self._contexts is None or pem.encode("ascii", "replace") == self._contexts.revocation_list.pem:
+            return
+        now = time.monotonic()
+        if now - connection.crl_refused < CRL_OFFER_INTERVAL:
+            return
+        if self._contexts.offer_crl(pem):
+            log.info("took %s offered by %s", self._contexts.revocation_list, connection)
+        else:
+            connection.crl_refused = now
+
+    def _hand_out_crl(self, contexts):
+        """After a reload: the CRL in use to every subscriber of Thor.CRL, when it is new."""
+        pem = contexts.revocation_list.pem
+        if self._crl_frame is not None and self._crl_frame[0] == pem:
+            return
+        frame = protocol.encode(
+            {
+                "type": "message",
+                "topic": topics.CRL,
+                "publisher": self.name,
+                "session": self.session,
+                "seq": next(self._sequence),
+                "body": {"crl": pem.decode("ascii", "replace")},
+            },
+            protocol.MAX_SERVER_FRAME_SIZE,
+        )
+        self._crl_frame = (pem, frame)
+        self._deliver(topics.CRL, frame)
 
     def _track_session(self, connection, session, topic):
         """Announce a connection's new session; False when it may hold no more.
@@ -346,6 +398,8 @@ class EventServer:
             self.topics[topic].add(connection)
             if topic == topics.PRESENCE and self._presence_frame is not None:
                 connection.send(self._presence_frame)
+            if topic == topics.CRL and self._crl_frame is not None:
+                connection.send(self._crl_frame[1])
             if topic == topics.CONNECTIONS:
                 members = [other.describe() for other in self.connections.values()]
                 snapshot = {"event": "snapshot", "server": self.name, "session": self.session, "members": members}

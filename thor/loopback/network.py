@@ -4,6 +4,8 @@ thor-dns, NGNPro; and in-process observers that follow the network status.
 The tests, the benchmarks and `make demo` build their networks with it.
 """
 
+import os
+import shutil
 import sys
 
 from thor import __version__, roles
@@ -16,14 +18,27 @@ __all__ = ["EventServerProcess", "Overlay", "Recorder", "event_client", "members
 EVENTSERVER = ["-m", "thor.eventserver.main"]
 
 
+def host_files(directory, name, files, own_crl):
+    """files, with a copy of the CRL of name's own when own_crl (as on a host of its own, where a
+    new CRL arrives over the bus or is put by hand), else the CA's file (each CA change seen at once)."""
+    if own_crl:
+        crl = os.path.join(directory, f"{name}.crl.pem")
+        shutil.copyfile(files["crl"], crl)
+        files = dict(files, crl=crl)
+    return tls_values(files, learned_crl=os.path.join(directory, f"{name}.learned-crl.pem"))
+
+
 class EventServerProcess(Program):
-    def __init__(self, directory, pki, name, address="127.0.0.1", port=None, python=sys.executable, **settings):
+    def __init__(
+        self, directory, pki, name, address="127.0.0.1", port=None, python=sys.executable, own_crl=False, **settings
+    ):
         self.address = address
         self.port = port or free_port(address)
         files = pki.files(name, roles.EVENT_SERVER, address=address)
         values = {"listen": f"{address}:{self.port}", "keepalive": 0.5, "idle_timeout": 1.5}
         values.update(settings)
-        super().__init__(directory, name, EVENTSERVER, {"TLS": tls_values(files), "EventServer": values}, python)
+        tls = host_files(directory, name, files, own_crl)
+        super().__init__(directory, name, EVENTSERVER, {"TLS": tls, "EventServer": values}, python)
 
     @property
     def endpoint(self):
@@ -65,8 +80,10 @@ def event_client(pki, name, member_roles, servers, connect=True, **kwargs):
 
 
 class Overlay:
-    def __init__(self, directory, pki, domain="sipthor.test", python=sys.executable):
+    def __init__(self, directory, pki, domain="sipthor.test", python=sys.executable, own_crl=False):
+        """own_crl: each program reads a copy of the CRL of its own (host_files())."""
         self.directory = str(directory)
+        self.own_crl = own_crl
         self.pki = pki
         self.domain = domain
         self.python = python
@@ -76,7 +93,9 @@ class Overlay:
 
     def eventserver(self, name, address="127.0.0.1", port=None, **settings):
         """Start an event server (not waiting for it: wait_ready())."""
-        server = EventServerProcess(self.directory, self.pki, name, address, port, self.python, **settings)
+        server = EventServerProcess(
+            self.directory, self.pki, name, address, port, self.python, self.own_crl, **settings
+        )
         self.eventservers.append(server)
         return server
 
@@ -97,7 +116,8 @@ class Overlay:
         """Start a member program (thor.manager.main, thor.node.main, ...) with its own certificate,
         or with the certificate of another name (programs sharing a host: one name, one certificate)."""
         files = self.pki.files(certificate or name, member_roles, address=address)
-        config = {"ThorNetwork": self.network(), "TLS": tls_values(files), **sections}
+        tls = host_files(self.directory, name, files, self.own_crl)
+        config = {"ThorNetwork": self.network(), "TLS": tls, **sections}
         program = Program(self.directory, name, ["-m", module], config, self.python, arguments)
         self.programs[name] = program
         return program

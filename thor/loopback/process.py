@@ -126,9 +126,10 @@ def python_command(module, *args):
     return [sys.executable, "-m", module, *args]
 
 
-def tls_values(files, **extra):
-    """A [TLS] section from a PKI's files (ca, certificate, private_key, crl), handshakes bounded at 2 s."""
-    values = dict(files)
+def tls_values(files, learned_crl="", **extra):
+    """A [TLS] section from a PKI's files (ca, certificate, private_key, crl), handshakes bounded at 2 s;
+    learned_crl: where the program keeps a newer CRL handed over by another member (none: takes none)."""
+    values = dict(files, learned_crl=learned_crl)
     values.setdefault("handshake_timeout", 2)
     values.update(extra)
     return values

@@ -3,6 +3,7 @@
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import Daemon, StartupError
 from thor.events.client import EventClient
+from thor.events.crl import CRLExchange
 from thor.identity import Identity, IdentityError, announced_address
 from thor.membership.member import OverlayMember
 
@@ -36,6 +37,8 @@ class MemberDaemon(Daemon):
         except IdentityError as error:
             raise StartupError(str(error)) from None
         self.client = EventClient.from_config(network, self.tls)
+        # The network's newest CRL reaches this host through the event servers, and goes on from it.
+        self.crl_exchange = CRLExchange(self.client, self.tls) if self.tls is not None else None
         self.member = OverlayMember(
             self.client,
             self.identity.name,

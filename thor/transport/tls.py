@@ -15,6 +15,7 @@ the server goes on serving everyone else. Handshakes are bounded in time.
 import contextlib
 import logging
 import os
+import time
 from datetime import UTC, datetime, timedelta
 
 import gevent
@@ -23,16 +24,19 @@ from gevent import socket, ssl
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from thor.files import write_atomic
 from thor.identity import Identity
-from thor.x509compat import crl_next_update
+from thor.transport.crl import CRLError, RevocationList
+from thor.x509compat import not_valid_after
 
 __all__ = ["TLSContexts", "TLSError", "TLSServer", "connect", "format_address"]
 
 log = logging.getLogger("thor.tls")
 
-# Warn operators this long before the CRL stops being accepted by OpenSSL;
-# an expired CRL makes every peer's handshake fail.
-CRL_EXPIRY_WARNING = timedelta(days=7)
+# Warn operators this long before the CA, this program's certificate or the CRL expires (an
+# expired CRL makes every peer's handshake fail), at every reload and once a day.
+EXPIRY_WARNING = timedelta(days=7)
+EXPIRY_CHECK_INTERVAL = 24 * 3600.0
 
 
 class TLSError(Exception):
@@ -49,17 +53,53 @@ def format_address(address):
 class TLSContexts:
     """Server and client SSL contexts built from the TLS files, swapped on reload."""
 
-    def __init__(self, ca, certificate, private_key, crl):
+    def __init__(self, ca, certificate, private_key, crl, learned_crl=None):
+        """learned_crl: where a newer CRL than crl, handed over by another member
+        (offer_crl()), is kept; None: this program takes none."""
         self.files = (ca, certificate, private_key, crl)
         self.ca, self.certificate, self.private_key, self.crl = self.files
+        self.learned_crl = learned_crl
         self._callbacks = []
+        self.ca_certificate = None
+        self.revocation_list = None  # the RevocationList in use
+        self.certificate_expiry = None
         self._stamp = self._file_stamp()
-        self.server_context, self.client_context, self.revoked_serials = self._build()
+        self._use(self._build())
         self._watcher = None
 
     @classmethod
     def from_config(cls, tls_config):
-        return cls(tls_config.ca, tls_config.certificate, tls_config.private_key, tls_config.crl)
+        return cls(
+            tls_config.ca,
+            tls_config.certificate,
+            tls_config.private_key,
+            tls_config.crl,
+            tls_config.learned_crl or None,
+        )
+
+    @property
+    def revoked_serials(self):
+        return self.revocation_list.revoked_serials
+
+    def offer_crl(self, pem):
+        """Take a CRL another member handed over when it supersedes the one in use (kept in
+        learned_crl, then everything reloaded); True when it is now in use. Anything else is
+        refused: a replayed older CRL would un-revoke certificates."""
+        if self.learned_crl is None:
+            return False
+        try:
+            candidate = RevocationList(pem, self.ca_certificate)
+        except CRLError as error:
+            log.warning("refusing a CRL handed over: it %s", error)
+            return False
+        if not candidate.supersedes(self.revocation_list):
+            return False
+        try:
+            write_atomic(self.learned_crl, candidate.pem, 0o644)
+        except OSError as error:
+            log.error("cannot keep the newer %s in %s: %s", candidate, self.learned_crl, error.strerror or error)
+            return False
+        return self.reload() and self.revocation_list.pem == candidate.pem
 
     def add_reload_callback(self, callback):
         """callback(contexts) runs after every successful reload."""
@@ -79,14 +119,48 @@ class TLSContexts:
             self._stamp = stamp
             return False
         self._stamp = stamp
-        self.server_context, self.client_context, self.revoked_serials = contexts
-        log.info("TLS files reloaded (%d revoked certificates)", len(self.revoked_serials))
+        self._use(contexts)
+        log.info("TLS files reloaded (%s, %d revoked certificates)", self.revocation_list, len(self.revoked_serials))
         for callback in list(self._callbacks):
             try:
                 callback(self)
             except Exception:
                 log.exception("TLS reload callback failed")
         return True
+
+    def _use(self, built):
+        self.server_context, self.client_context, self.ca_certificate, self.revocation_list = built[:4]
+        self.certificate_expiry = built[4]
+        self.check_expiry()
+
+    def expiries(self):
+        """[(what, when it expires, what to run)] of the CA, this program's certificate and the CRL."""
+        where = "where the CA is"
+        return [
+            (f"the CA certificate {self.ca}", not_valid_after(self.ca_certificate), f"a CA rollover {where}"),
+            (
+                f"this node's certificate {self.certificate}",
+                self.certificate_expiry,
+                f"'thor-pki issue NAME --replace' {where}",
+            ),
+            (
+                f"the {self.revocation_list}",
+                self.revocation_list.next_update,
+                f"'thor-pki crl' and 'thor-pki publish-crl' {where}",
+            ),
+        ]
+
+    def check_expiry(self, now=None):
+        """Log what expires within EXPIRY_WARNING, and as an error what has expired."""
+        now = now or datetime.now(UTC)
+        for what, end, remedy in self.expiries():
+            if end is None:
+                continue
+            if end <= now:
+                log.error("%s expired at %s: TLS with peers fails; run %s", what, f"{end:%Y-%m-%d %H:%M} UTC", remedy)
+            elif end - now < EXPIRY_WARNING:
+                days = (end - now).total_seconds() / 86400
+                log.warning("%s expires at %s, in %.1f days; run %s", what, f"{end:%Y-%m-%d %H:%M} UTC", days, remedy)
 
     def reload_if_changed(self):
         if self._file_stamp() != self._stamp:
@@ -105,13 +179,19 @@ class TLSContexts:
             self._watcher = None
 
     def _watch(self, interval):
+        next_check = time.monotonic() + EXPIRY_CHECK_INTERVAL
         while True:
             gevent.sleep(interval)
             self.reload_if_changed()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + EXPIRY_CHECK_INTERVAL
+                self.check_expiry()
 
     def _file_stamp(self):
         stamp = []
-        for path in self.files:
+        for path in (*self.files, self.learned_crl):
+            if path is None:
+                continue
             try:
                 info = os.stat(path)
                 stamp.append((info.st_ino, info.st_mtime_ns, info.st_size))
@@ -121,17 +201,17 @@ class TLSContexts:
 
     def _build(self):
         ca_certificate = self._load_ca()
-        revoked_serials = self._check_crl(ca_certificate)
-        server_context = self._context(ssl.PROTOCOL_TLS_SERVER)
-        client_context = self._context(ssl.PROTOCOL_TLS_CLIENT)
+        revocation_list, crl_path = self._newest_crl(ca_certificate)
+        server_context = self._context(ssl.PROTOCOL_TLS_SERVER, crl_path)
+        client_context = self._context(ssl.PROTOCOL_TLS_CLIENT, crl_path)
         # Peers are identified by the roles in their certificate, not by host
         # names: event servers are reached by address and by SRV targets alike.
         client_context.check_hostname = False
         client_context.verify_mode = ssl.CERT_REQUIRED
         server_context.verify_mode = ssl.CERT_REQUIRED
-        return server_context, client_context, revoked_serials
+        return server_context, client_context, ca_certificate, revocation_list, self._certificate_expiry()
 
-    def _context(self, protocol):
+    def _context(self, protocol, crl_path):
         context = ssl.SSLContext(protocol)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -142,11 +222,18 @@ class TLSContexts:
             ) from None
         try:
             context.load_verify_locations(cafile=self.ca)
-            context.load_verify_locations(cafile=self.crl)
+            context.load_verify_locations(cafile=crl_path)
         except (OSError, ssl.SSLError) as error:
-            raise TLSError(f"cannot load CA {self.ca} or CRL {self.crl}: {_reason(error)}") from None
+            raise TLSError(f"cannot load CA {self.ca} or CRL {crl_path}: {_reason(error)}") from None
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return context
+
+    def _certificate_expiry(self):
+        try:
+            with open(self.certificate, "rb") as stream:
+                return not_valid_after(x509.load_pem_x509_certificate(stream.read()))
+        except (OSError, ValueError):
+            return None  # load_cert_chain() said why already, or will
 
     def _load_ca(self):
         try:
@@ -157,26 +244,29 @@ class TLSContexts:
         except ValueError:
             raise TLSError(f"{self.ca} is not a PEM certificate") from None
 
-    def _check_crl(self, ca_certificate):
-        """Parse the CRL: its signature must be the CA's; returns the revoked serials."""
+    def _newest_crl(self, ca_certificate):
+        """The newest usable CRL of the configured and the learned file: (RevocationList, path).
+        Never one older than the CRL in use under the same CA (a replayed CRL un-revokes)."""
         try:
-            with open(self.crl, "rb") as stream:
-                crl = x509.load_pem_x509_crl(stream.read())
+            newest, path = RevocationList.load(self.crl, ca_certificate), self.crl
         except OSError as error:
             raise TLSError(
                 f"cannot read CRL {self.crl}: {error.strerror} (a CRL is required, even an empty one)"
             ) from None
-        except ValueError:
-            raise TLSError(f"{self.crl} is not a PEM CRL") from None
-        if not crl.is_signature_valid(ca_certificate.public_key()):
-            raise TLSError(f"CRL {self.crl} is not signed by the CA in {self.ca}")
-        next_update = crl_next_update(crl)
-        now = datetime.now(UTC)
-        if next_update is not None and next_update <= now:
-            log.error("CRL %s expired at %s: every peer will be refused; run 'thor-pki crl'", self.crl, next_update)
-        elif next_update is not None and next_update - now < CRL_EXPIRY_WARNING:
-            log.warning("CRL %s expires at %s; re-issue it with 'thor-pki crl'", self.crl, next_update)
-        return frozenset(revoked.serial_number for revoked in crl)
+        except CRLError as error:
+            raise TLSError(f"CRL {self.crl} {error} (CA {self.ca})") from None
+        if self.learned_crl is not None and os.path.exists(self.learned_crl):
+            try:
+                learned = RevocationList.load(self.learned_crl, ca_certificate)
+            except (OSError, CRLError) as error:
+                log.warning("ignoring the CRL in %s: %s", self.learned_crl, getattr(error, "strerror", None) or error)
+            else:
+                if learned.supersedes(newest):
+                    newest, path = learned, self.learned_crl
+        held = self.revocation_list
+        if held is not None and ca_certificate == self.ca_certificate and held.supersedes(newest):
+            raise TLSError(f"{path} holds {newest}, older than the {held} in use: refused")
+        return newest, path
 
 
 def _reason(error):

@@ -10,6 +10,7 @@ import os
 import random
 import shlex
 import subprocess
+import sys
 
 import dns.resolver
 import gevent
@@ -543,3 +544,30 @@ def test_certificate_revoked_through_the_playbook_is_refused():
         message="the event server refusing node2",
     )
     assert srv_targets() == NODES - {"node2"}
+
+
+def test_a_crl_renewed_where_the_ca_is_reaches_every_host_over_the_bus():
+    """The daily renewal on the controller: thor-pki crl, then publish-crl to the event servers only;
+    every host's programs get it over the bus (node2, revoked above, excepted)."""
+    pki = os.environ["THOR_MOLECULE_PKI"]
+    thor_pki = [sys.executable, "-m", "thor.cli.pki", "--dir", pki]
+    renewed = subprocess.run([*thor_pki, "crl"], check=False, capture_output=True, text=True, timeout=60)
+    assert renewed.returncode == 0, renewed.stderr
+    servers = ",".join(f"172.30.0.{last}:8000" for last in (11, 12, 13))
+    published = subprocess.run(
+        [*thor_pki, "publish-crl", "--servers", servers, "--timeout", "30"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert published.returncode == 0, published.stdout + published.stderr
+    with open(os.path.join(pki, "crl.pem")) as stream:
+        crl = stream.read()
+    for name in sorted(set(PROGRAMS) - {"node2"}):
+        wait_for(
+            lambda name=name: host(name).run("cat /var/lib/thor/crl.pem").stdout == crl,
+            30,
+            interval=0.5,
+            message=f"{name} holding the renewed CRL",
+        )
