@@ -4,13 +4,14 @@ import logging
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from thor import roles
 from thor.loopback.network import Overlay, members
 from thor.loopback.process import wait_for
+from thor.monitor.report import pki_problems, pki_rows
 from thor.transport.crl import CRLError, RevocationList
 from thor.transport.tls import TLSContexts
 
@@ -167,3 +168,26 @@ def test_what_expires_within_a_week_is_logged_and_what_expired_is_an_error(pki, 
     with caplog.at_level(logging.WARNING, "thor.tls"):
         contexts.check_expiry(now=crl_end - timedelta(days=8))
     assert caplog.records == []
+
+
+def test_the_pki_report_lists_the_soonest_first_and_names_what_to_run():
+    now = 1_800_000_000.0
+    day = 86400
+    rows = pki_rows(
+        datetime.fromtimestamp(now + 3000 * day, UTC),
+        datetime.fromtimestamp(now + 5 * day, UTC),
+        {"node1": now - day, "node2": now + 700 * day},
+        now=now,
+    )
+    assert [(row["what"], row["name"], row["days_left"]) for row in rows] == [
+        ("certificate", "node1", -1.0),
+        ("crl", "the CRL", 5.0),
+        ("certificate", "node2", 700.0),
+        ("ca", "the CA certificate", 3000.0),
+    ]
+    assert pki_problems(rows, 7) == [
+        "the certificate of node1 has expired: a new certificate for it"
+        " ('thor-pki issue NAME --replace', or the rollout)",
+        "the CRL expires in 5.0 days: 'thor-pki crl' and 'thor-pki publish-crl' where the CA is",
+    ]
+    assert pki_problems(rows, 4) == pki_problems(rows, 7)[:1]

@@ -5,6 +5,7 @@ event servers (keepalive 1 s, idle timeout 3 s); bench/membership_bench.py
 measures them over many trials.
 """
 
+import json
 import os
 import signal
 import socket
@@ -277,6 +278,26 @@ def test_monitor_once_prints_a_snapshot(overlay):
     assert lines[0].startswith("network status v") and "by manager1" in lines[0]
     assert any(line.split()[:3] == ["sip_proxy", "node1", "(127.0.0.11),"] for line in lines)
     assert any(line.startswith("node2") and "sip_proxy,xcap_server" in line for line in lines)
+
+
+def test_monitor_says_when_certificates_and_the_crl_expire_and_check_pki_fails_within_the_warning(overlay):
+    overlay.pki.ca.issue("node2", "sip_proxy,xcap_server", address="127.0.0.12", days=3)
+    start_network(overlay)
+    report = start_monitor(overlay, "--once", "--json")
+    assert report.exited(30) == 0, report.log()
+    rows = json.loads(report.stdout())["pki"]
+    named = {(row["what"], row["name"]): row["days_left"] for row in rows}
+    assert named[("certificate", "node2")] == pytest.approx(3, abs=0.1)
+    assert named[("certificate", "node1")] == pytest.approx(730, abs=0.1)
+    assert {"es1", "es2", "es3", "manager1", "manager2"} <= {name for what, name in named if what == "certificate"}
+    assert named[("crl", "the CRL")] == pytest.approx(30, abs=0.1)
+    assert ("ca", "the CA certificate") in named
+    assert rows[0]["name"] == "node2"  # soonest first
+    check = start_monitor(overlay, "--once", "--check-pki")
+    assert check.exited(30) == 5
+    assert "the certificate of node2 expires in 3.0 days: a new certificate for it" in check.log()
+    assert any(line.split()[-3:] == ["certificate", "of", "node2"] for line in check.stdout().splitlines())
+    assert start_monitor(overlay, "--once", "--check-pki", "--days", "2").exited(30) == 0
 
 
 def test_monitor_live_view_needs_a_terminal(overlay):

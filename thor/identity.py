@@ -9,10 +9,12 @@ file; both get an Identity from here, and check roles with require_role().
 
 import ipaddress
 import socket
+import ssl
 
 from cryptography import x509
 
 from thor.roles import RoleError, check_role_name
+from thor.x509compat import not_valid_after
 
 __all__ = ["ROLE_URI_PREFIX", "Identity", "IdentityError", "announced_address", "role_uri", "roles_from_uris"]
 
@@ -42,14 +44,15 @@ def roles_from_uris(uris):
 class Identity:
     """A certificate's holder. address: the peer's (host, port) on a connection, None for one's own."""
 
-    __slots__ = ("address", "addresses", "name", "roles", "serial")
+    __slots__ = ("address", "addresses", "name", "not_after", "roles", "serial")
 
-    def __init__(self, name, roles, serial, address=None, addresses=()):
+    def __init__(self, name, roles, serial, address=None, addresses=(), not_after=None):
         self.name = name
         self.roles = frozenset(roles)
         self.serial = serial
         self.address = address
         self.addresses = tuple(addresses)  # the certificate's IP addresses, as text
+        self.not_after = not_after  # when the certificate expires (seconds since the epoch), when known
 
     @classmethod
     def from_peer_certificate(cls, certificate, address):
@@ -63,7 +66,8 @@ class Identity:
         uris = [value for kind, value in alt_names if kind == "URI"]
         addresses = [_address_text(value) for kind, value in alt_names if kind == "IP Address"]
         serial = int(certificate["serialNumber"], 16)
-        return cls(name, roles_from_uris(uris), serial, address, addresses)
+        not_after = ssl.cert_time_to_seconds(certificate["notAfter"]) if "notAfter" in certificate else None
+        return cls(name, roles_from_uris(uris), serial, address, addresses, not_after)
 
     @classmethod
     def from_certificate(cls, certificate):
@@ -76,7 +80,8 @@ class Identity:
         except x509.ExtensionNotFound:
             uris, addresses = [], []
         name = names[0].value if names else None
-        return cls(name, roles_from_uris(uris), certificate.serial_number, None, addresses)
+        not_after = not_valid_after(certificate).timestamp()
+        return cls(name, roles_from_uris(uris), certificate.serial_number, None, addresses, not_after)
 
     @classmethod
     def load(cls, path):

@@ -24,7 +24,7 @@ import dns.exception
 import dns.message
 import dns.query
 
-from thor import roles
+from thor import __version__, roles
 from thor.lookup.client import LookupClient, LookupClientError
 from thor.loopback.network import Overlay
 from thor.loopback.pki import ScratchPKI
@@ -55,8 +55,9 @@ class Network(Overlay):
         for name, address in EVENT_SERVERS.items():
             self.eventserver(name, address, PORT, keepalive=1, idle_timeout=3)
         for name, address in MANAGERS.items():
-            self.manager(name, address)
-            time.sleep(0.2)  # a distinct start time each: manager1 is the eldest and becomes active
+            # Each started before the next: manager1 is the eldest and becomes active (on a busy
+            # machine a fixed pause was not enough, and another manager's start came first).
+            self.manager(name, address).wait_log(f"thor-manager {__version__} started", 60)
         name, address = DATABASE
         self.start(name, "thor.database.main", roles.DATABASE, address, Database={"host": address, "check": "no"})
         for name, (address, node_roles) in NODES.items():

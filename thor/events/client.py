@@ -119,6 +119,7 @@ class ServerLink:
         self.connected = False
         self.keepalive = None
         self.server_serial = None
+        self.server_certificate_expires = None  # seconds since the epoch
         self.pings_sent = 0
         self.pongs_received = 0
         self._pong = Event()
@@ -188,6 +189,7 @@ class ServerLink:
         )
         self.server_name = identity.name
         self.server_serial = identity.serial
+        self.server_certificate_expires = identity.not_after
         self._writer = QueuedWriter(tls_socket, self.client.send_queue_limit)
         decoder = FrameDecoder(protocol.MAX_SERVER_FRAME_SIZE)
         self._writer.send(protocol.encode({"type": "hello", "version": PROTOCOL_VERSION}))

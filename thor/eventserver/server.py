@@ -107,6 +107,7 @@ class Connection:
             "address": host,
             "port": port,
             "sessions": sorted(self.sessions),
+            "certificate_expires": self.identity.not_after,
         }
 
     def send(self, frame):

@@ -16,8 +16,18 @@ import gevent
 from thor.daemon import StartupError, run
 from thor.events.topics import CONNECTIONS, STATISTICS
 from thor.membership.program import MemberDaemon
-from thor.monitor.report import EX_UNMET, parse_expectation, snapshot_lines, unmet_expectations
+from thor.monitor.report import (
+    EX_PKI,
+    EX_UNMET,
+    parse_expectation,
+    pki_lines,
+    pki_problems,
+    pki_rows,
+    snapshot_lines,
+    unmet_expectations,
+)
 from thor.sip.media import relay_report
+from thor.x509compat import not_valid_after
 
 EX_NO_STATUS = 1
 
@@ -43,13 +53,21 @@ class MonitorDaemon(MemberDaemon):
             help=f"with --once: wait (up to --wait) until member NAME announces these roles; repeatable. "
             f"Exit {EX_UNMET} naming what is missing and why when the status does not list them in time",
         )
+        parser.add_argument(
+            "--check-pki",
+            action="store_true",
+            help=f"with --once: exit {EX_PKI}, saying what to run, when the CA, the CRL or a member's certificate "
+            "expires within --days",
+        )
+        parser.add_argument("--days", type=float, default=7.0, help="with --check-pki: days of warning (default 7)")
 
     def setup(self):
-        if self.options.expect and not self.options.once:
-            raise StartupError("--expect goes with --once")
+        if (self.options.expect or self.options.check_pki) and not self.options.once:
+            raise StartupError("--expect and --check-pki go with --once")
         if not self.options.once and not sys.stdout.isatty():
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
+        self.certificates = {}  # member name -> when its certificate expires (the soonest of its connections)
         self.client.subscribe(CONNECTIONS, self._on_connection)
         self.relays = {}
         self.client.subscribe(STATISTICS, self._on_statistics)
@@ -65,6 +83,9 @@ class MonitorDaemon(MemberDaemon):
 
     def _on_connection(self, message):
         body = message.body
+        connected = {"snapshot": body.get("members"), "connected": [body.get("member")]}.get(body.get("event"))
+        for member in connected if isinstance(connected, list) else ():
+            self._note_certificate(member)
         if body.get("event") == "snapshot":
             count = len(body.get("members", []))
             self.events.append(
@@ -75,6 +96,13 @@ class MonitorDaemon(MemberDaemon):
             self.events.append(
                 (body.get("time", time.time()), f"{body['event']:<12} {member.get('name')} on {body.get('server')}")
             )
+
+    def _note_certificate(self, member):
+        """When a connected member's certificate expires (the soonest of its connections)."""
+        if isinstance(member, dict) and isinstance(member.get("certificate_expires"), (int, float)):
+            name, expires = str(member.get("name")), member["certificate_expires"]
+            if name in self.certificates or len(self.certificates) < 100000:
+                self.certificates[name] = min(expires, self.certificates.get(name, expires))
 
     def _once(self):
         expected = self.options.expect
@@ -95,12 +123,24 @@ class MonitorDaemon(MemberDaemon):
             print(f"thor-monitor: no network status within {self.options.wait:g}s", file=sys.stderr)
             self.finish(EX_NO_STATUS)
             return
+        rows = self.pki_rows(status)
         if self.options.json:
-            print(json.dumps(status.to_json(), indent=2, sort_keys=True))
+            print(json.dumps(dict(status.to_json(), pki=rows), indent=2, sort_keys=True))
         else:
-            print("\n".join(snapshot_lines(status, relays=self.relays)))
+            print("\n".join([*snapshot_lines(status, relays=self.relays), "", *pki_lines(rows)]))
+        problems = pki_problems(rows, self.options.days) if self.options.check_pki else []
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
         sys.stdout.flush()
-        self.finish(0)
+        self.finish(EX_PKI if problems else 0)
+
+    def pki_rows(self, status):
+        """When the CA, the CRL and each member's certificate (the event servers' included) expire."""
+        certificates = {name: when for name, when in self.certificates.items() if name in status.members}
+        for link in self.client.links.values():
+            if link.server_name and link.server_certificate_expires:
+                certificates[link.server_name] = link.server_certificate_expires
+        return pki_rows(not_valid_after(self.tls.ca_certificate), self.tls.revocation_list.next_update, certificates)
 
     def _live(self):
         # Log lines would tear the screen: keep them for the events pane instead.
@@ -131,6 +171,7 @@ class MonitorDaemon(MemberDaemon):
         lines = [f"SIP Thor monitor  event servers: {servers}  (q quits)", ""]
         if status.version:
             lines.extend(snapshot_lines(status, relays=self.relays))
+            lines.extend(["", *pki_lines(self.pki_rows(status))])
         else:
             lines.append("waiting for the network status ...")
         lines.extend(["", "RECENT EVENTS"])

@@ -7,10 +7,22 @@ so that tests and other tools can use it.
 import argparse
 import time
 
-__all__ = ["EX_UNMET", "format_age", "parse_expectation", "snapshot_lines", "unmet_expectations"]
+__all__ = [
+    "EX_PKI",
+    "EX_UNMET",
+    "format_age",
+    "parse_expectation",
+    "pki_lines",
+    "pki_problems",
+    "pki_rows",
+    "snapshot_lines",
+    "unmet_expectations",
+]
 
 # --expect: the network status did not list every expected role in time.
 EX_UNMET = 4
+# --check-pki: the CA, the CRL or a member's certificate expires within --days (or has expired).
+EX_PKI = 5
 
 
 def format_age(seconds):
@@ -89,4 +101,42 @@ def unmet_expectations(status, expected):
                 problems.append(f"{name}: {role} withdrawn: {reason}")
             else:
                 problems.append(f"{name}: {role} not announced (the program that announces it is not connected)")
+    return problems
+
+
+def pki_rows(ca_expires, crl_expires, certificates, now=None):
+    """What expires when, soonest first: [{"what", "name", "expires" (epoch), "days_left"}] of the CA,
+    the CRL (datetimes, None: unknown) and each member's certificate ({name: epoch})."""
+    now = now or time.time()
+    rows = [("ca", "the CA certificate", ca_expires), ("crl", "the CRL", crl_expires)]
+    entries = [(what, name, when.timestamp()) for what, name, when in rows if when is not None]
+    entries.extend(("certificate", name, when) for name, when in certificates.items() if when is not None)
+    return [
+        {"what": what, "name": name, "expires": when, "days_left": round((when - now) / 86400, 1)}
+        for what, name, when in sorted(entries, key=lambda entry: (entry[2], entry[1]))
+    ]
+
+
+def pki_lines(rows):
+    lines = [f"{'EXPIRES':<17} {'DAYS LEFT':>9}  WHAT"]
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["expires"]))
+        what = row["name"] if row["what"] != "certificate" else f"the certificate of {row['name']}"
+        lines.append(f"{when:<17} {row['days_left']:>9.1f}  {what}")
+    return lines
+
+
+def pki_problems(rows, days):
+    """One line per row that expires within days (or has expired), saying what to run."""
+    remedy = {
+        "ca": "a CA rollover (docs/pki.md)",
+        "crl": "'thor-pki crl' and 'thor-pki publish-crl' where the CA is",
+        "certificate": "a new certificate for it ('thor-pki issue NAME --replace', or the rollout)",
+    }
+    problems = []
+    for row in rows:
+        if row["days_left"] < days:
+            what = row["name"] if row["what"] != "certificate" else f"the certificate of {row['name']}"
+            state = "has expired" if row["days_left"] <= 0 else f"expires in {row['days_left']:.1f} days"
+            problems.append(f"{what} {state}: {remedy[row['what']]}")
     return problems

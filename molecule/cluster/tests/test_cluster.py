@@ -571,3 +571,7 @@ def test_a_crl_renewed_where_the_ca_is_reaches_every_host_over_the_bus():
             interval=0.5,
             message=f"{name} holding the renewed CRL",
         )
+    # What expires when, as the operators' cron would check it: nothing within a week.
+    check = host("thor1").run("python3 -m thor.monitor.main --config /etc/thor/config.ini --once --check-pki --wait 5")
+    assert check.rc == 0, check.stdout + check.stderr
+    assert "the certificate of node1" in check.stdout and "the CRL" in check.stdout
