@@ -161,7 +161,7 @@ def command_publish_crl(options, config, directory):
         deadline = time.monotonic() + options.timeout
         while time.monotonic() < deadline:
             connected = client.connected_servers
-            behind = [server for server in connected if (held.get(server) or "").encode() != ours.pem]
+            behind = [server for server in connected if not ours.is_text(held.get(server))]
             if connected and not behind and (not servers or len(connected) == len(servers)):
                 break
             if behind:
@@ -170,9 +170,9 @@ def command_publish_crl(options, config, directory):
     finally:
         client.stop()
     for server in sorted(held):
-        state = "holds it" if (held[server] or "").encode() == ours.pem else "does not take it (it holds a newer one?)"
+        state = "holds it" if ours.is_text(held[server]) else "does not take it (it holds a newer one?)"
         print(f"{server}: {state}")
-    done = [server for server in held if (held[server] or "").encode() == ours.pem]
+    done = [server for server in held if ours.is_text(held[server])]
     if not done or (servers and len(done) < len(servers)):
         raise PKIError(f"{ours} reached {len(done)} of {len(servers) or 'the'} event servers in {options.timeout:g} s")
     print(f"{ours} handed to {len(done)} event servers; they pass it on to every member")

@@ -31,16 +31,13 @@ class CRLExchange:
         client.subscribe(topics.CRL, self._received, deduplicate=False)
         contexts.add_reload_callback(self._reloaded)
 
-    def close(self):
-        self.contexts.remove_reload_callback(self._reloaded)
-
     def _received(self, message):
         body = message.body
         if not isinstance(body, dict) or not isinstance(body.get("crl"), str):
             log.warning("ignoring a Thor.CRL message from %s: not a CRL", message.server)
             return
         held = self.contexts.revocation_list
-        if body["crl"].encode("ascii", "replace") == held.pem:
+        if held.is_text(body["crl"]):
             return
         try:
             handed = RevocationList(body["crl"], self.contexts.ca_certificate)

@@ -306,7 +306,7 @@ class EventServer:
     def _offered_crl(self, connection, pem):
         """A member's CRL: taken when it supersedes ours (then handed out by _hand_out_crl). After
         an offer it refused, the server looks at none of that connection's for a while."""
-        if self._contexts is None or pem.encode("ascii", "replace") == self._contexts.revocation_list.pem:
+        if self._contexts is None or self._contexts.revocation_list.is_text(pem):
             return
         now = time.monotonic()
         if now - connection.crl_refused < CRL_OFFER_INTERVAL:

@@ -55,6 +55,10 @@ class RevocationList:
         with open(path, "rb") as stream:
             return cls(stream.read(MAX_CRL_BYTES + 1), ca_certificate)
 
+    def is_text(self, text):
+        """Whether text (a Thor.CRL body's PEM, say) is this CRL's, cheaply: no parsing."""
+        return isinstance(text, str) and text.encode("ascii", "replace") == self.pem
+
     def supersedes(self, other):
         """True when this CRL replaces other (None: nothing held yet)."""
         if other is None:
