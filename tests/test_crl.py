@@ -163,7 +163,11 @@ def test_what_expires_within_a_week_is_logged_and_what_expired_is_an_error(pki, 
     levels = {record.levelno for record in caplog.records}
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert levels == {logging.ERROR}
-    assert "this node's certificate" in text and "expired at" in text and "thor-pki issue NAME --replace" in text
+    assert (
+        "this node's certificate" in text
+        and "expired at" in text
+        and "'thor-pki renew' and playbooks/renew.yml where the CA is" in text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, "thor.tls"):
         contexts.check_expiry(now=crl_end - timedelta(days=8))
@@ -187,7 +191,7 @@ def test_the_pki_report_lists_the_soonest_first_and_names_what_to_run():
     ]
     assert pki_problems(rows, 7) == [
         "the certificate of node1 has expired: a new certificate for it"
-        " ('thor-pki issue NAME --replace', or the rollout)",
+        " ('thor-pki renew' and playbooks/renew.yml where the CA is)",
         "the CRL expires in 5.0 days: 'thor-pki crl' and 'thor-pki publish-crl' where the CA is",
     ]
     assert pki_problems(rows, 4) == pki_problems(rows, 7)[:1]

@@ -6,7 +6,6 @@ measures them over many trials.
 """
 
 import json
-import os
 import signal
 import socket
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from thor.loopback.kamailio import Kamailio
 from thor.loopback.network import EventServerProcess, Overlay, members, wait_status
-from thor.loopback.process import Program, free_port, tls_values, wait_for
+from thor.loopback.process import free_port, wait_for
 
 EVERYONE = {"manager1", "manager2", "node1", "node2"}
 
@@ -184,12 +183,12 @@ def test_health_check_withdraws_and_restores_a_role(overlay):
     why = f"health check tcp:127.0.0.1:{service.port} does not answer"
     assert status.members["node1"]["withdrawn"] == {"xcap_server": why}
     # What a rollout's verification asks: the monitor names the member, the role and the check.
-    monitor = start_monitor(overlay, "--once", "--wait", "1", "--expect", "node1=sip_proxy,xcap_server")
+    monitor = overlay.monitor("--once", "--wait", "1", "--expect", "node1=sip_proxy,xcap_server")
     assert monitor.exited(30) == 4, monitor.log()
     assert f"  node1: xcap_server withdrawn: {why}" in monitor.stdout().splitlines()
     service.start()
     wait_status(observer, lambda s: s.roles.get("xcap_server") == ("node1",), timeout=5, message="xcap back")
-    monitor = start_monitor(overlay, "--once", "--wait", "10", "--expect", "node1=sip_proxy,xcap_server")
+    monitor = overlay.monitor("--once", "--wait", "10", "--expect", "node1=sip_proxy,xcap_server")
     assert monitor.exited(30) == 0, monitor.log()
     log = overlay.programs["node1"].log()
     assert "role xcap_server: tcp:127.0.0.1:" in log and "withdrawing the role" in log
@@ -262,17 +261,9 @@ def test_database_location_is_published_without_password(overlay):
     }
 
 
-def start_monitor(overlay, *arguments):
-    """thor-monitor with arguments, under a certificate of its own."""
-    if not os.path.exists(overlay.pki.ca.certificate_path("monitor1")):
-        overlay.pki.ca.issue("monitor1", "thor_monitor")
-    sections = {"ThorNetwork": overlay.network(), "TLS": tls_values(overlay.pki.files("monitor1"))}
-    return Program(overlay.directory, "monitor1", ["-m", "thor.monitor.main", *arguments], sections)
-
-
 def test_monitor_once_prints_a_snapshot(overlay):
     start_network(overlay)
-    monitor = start_monitor(overlay, "--once")
+    monitor = overlay.monitor("--once")
     assert monitor.exited(30) == 0, monitor.log()
     lines = monitor.stdout().splitlines()
     assert lines[0].startswith("network status v") and "by manager1" in lines[0]
@@ -283,7 +274,7 @@ def test_monitor_once_prints_a_snapshot(overlay):
 def test_monitor_says_when_certificates_and_the_crl_expire_and_check_pki_fails_within_the_warning(overlay):
     overlay.pki.ca.issue("node2", "sip_proxy,xcap_server", address="127.0.0.12", days=3)
     start_network(overlay)
-    report = start_monitor(overlay, "--once", "--json")
+    report = overlay.monitor("--once", "--json")
     assert report.exited(30) == 0, report.log()
     rows = json.loads(report.stdout())["pki"]
     named = {(row["what"], row["name"]): row["days_left"] for row in rows}
@@ -293,16 +284,16 @@ def test_monitor_says_when_certificates_and_the_crl_expire_and_check_pki_fails_w
     assert named[("crl", "the CRL")] == pytest.approx(30, abs=0.1)
     assert ("ca", "the CA certificate") in named
     assert rows[0]["name"] == "node2"  # soonest first
-    check = start_monitor(overlay, "--once", "--check-pki")
+    check = overlay.monitor("--once", "--check-pki")
     assert check.exited(30) == 5
     assert "the certificate of node2 expires in 3.0 days: a new certificate for it" in check.log()
     assert any(line.split()[-3:] == ["certificate", "of", "node2"] for line in check.stdout().splitlines())
-    assert start_monitor(overlay, "--once", "--check-pki", "--days", "2").exited(30) == 0
+    assert overlay.monitor("--once", "--check-pki", "--days", "2").exited(30) == 0
 
 
 def test_monitor_live_view_needs_a_terminal(overlay):
     overlay.start_eventservers(1)
-    monitor = start_monitor(overlay)
+    monitor = overlay.monitor()
     assert monitor.exited(30) == 78
     assert "thor-monitor: error: the live view needs a terminal; use --once" in monitor.log()
 

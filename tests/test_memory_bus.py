@@ -180,3 +180,22 @@ def test_a_change_reaches_only_the_node_that_owns_its_key(bus):
     ring = rings1.table.ring(roles.SIP_PROXY)
     assert held(cache1) == {key for key in keys if ring.owner(key) == "127.0.0.11"}
     assert not held(cache1) & held(cache2)
+
+
+def test_a_link_that_was_up_reconnects_at_once_however_often_it_failed_before(bus):
+    """The backoff starts anew after a session that was up: a member whose link failed a few
+    times months ago does not wait the longest backoff the next time its server restarts."""
+    client = bus.client("node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30))
+    attempts = []
+    connect = client.connect
+    client.connect = lambda *args, **kwargs: attempts.append(1) or connect(*args, **kwargs)
+    client.start()
+    assert client.wait_connected(1, timeout=5)
+    bus.kill_server("es1")
+    wait_for(lambda: len(attempts) >= 7, 10, message="six failed reconnects")  # the backoff at 3.2 s
+    bus.add_server("es1")
+    assert client.wait_connected(1, timeout=10)
+    before = len(attempts)
+    client.links[("es1", 8000)].disconnect()  # the connection fails (the read ends in an error)
+    # Old behaviour: the next attempt after 3.2 s (x0.5-1.5); now after 0.05 s.
+    wait_for(lambda: len(attempts) > before and client.connected_servers, 1.0, message="connected again at once")

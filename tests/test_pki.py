@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import stat
@@ -6,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from thor.cli.pki import main as pki_main
 from thor.identity import ROLE_URI_PREFIX, Identity
@@ -222,3 +225,140 @@ def test_generated_material_is_ignored_by_git():
         text=True,
     )
     assert ignored.stdout.split() == ["pki/ca.key", "pki/mynetwork/nodes/node1.key"]
+
+
+def make_request(name, key=None, curve=None):
+    """A CSR for name as a host makes it: (its private key, the PEM request)."""
+    key = key or ec.generate_private_key(curve or ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        # What the CSR asks for besides its key never counts: the inventory decides.
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ROLE_URI_PREFIX + "thor_manager")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, request.public_bytes(serialization.Encoding.PEM)
+
+
+def public_der(key):
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_sign_certifies_the_hosts_key_with_the_given_roles_and_keeps_no_key(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    key, request = make_request("node1")
+    record, issued = ca.sign("node1", request, "sip_proxy", address="10.0.0.5")
+    assert issued
+    assert not os.path.exists(ca.key_path("node1"))
+    certificate = load_certificate(ca.certificate_path("node1"))
+    assert public_der(certificate.public_key()) == public_der(key.public_key())
+    identity = Identity.load(ca.certificate_path("node1"))
+    assert (identity.name, identity.roles, identity.addresses) == ("node1", {"sip_proxy"}, ("10.0.0.5",))
+
+    # The same key, roles and address again: nothing issued (rollouts run this every time).
+    _, again = make_request("node1", key=key)
+    unchanged, issued = ca.sign("node1", again, ["sip_proxy"], address="10.0.0.5")
+    assert not issued and unchanged.serial == record.serial
+    assert [r.status() for r in ca.records()] == ["valid"]
+
+    # New roles, or a new key (the host lost it): a new certificate, the old one superseded.
+    second, issued = ca.sign("node1", again, "sip_proxy,media_relay", address="10.0.0.5")
+    assert issued and second.roles == ("media_relay", "sip_proxy")
+    _, other = make_request("node1")
+    third, issued = ca.sign("node1", other, "sip_proxy,media_relay", address="10.0.0.5")
+    assert issued
+    assert [(r.serial, r.status()) for r in ca.records()] == [
+        (record.serial, "revoked"),
+        (second.serial, "revoked"),
+        (third.serial, "valid"),
+    ]
+    assert {entry.serial_number for entry in load_crl(ca.crl_path)} == {record.serial, second.serial}
+
+
+def test_sign_after_issue_drops_the_key_the_ca_made(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    ca.issue("node1", "sip_proxy")
+    assert os.path.exists(ca.key_path("node1"))
+    _, request = make_request("node1")
+    assert ca.sign("node1", request, "sip_proxy")[1]
+    assert not os.path.exists(ca.key_path("node1"))
+
+
+@pytest.mark.parametrize(
+    ("request_pem", "message"),
+    [
+        (b"hello", "not a PEM certificate signing request"),
+        (make_request("node2")[1], "the certificate signing request is for 'node2', not 'node1'"),
+        (make_request("node1", curve=ec.SECP192R1())[1], "key is not accepted: use EC secp256r1 or secp384r1"),
+    ],
+)
+def test_sign_refuses_bad_requests(tmp_path, request_pem, message):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    with pytest.raises(PKIError, match=message):
+        ca.sign("node1", request_pem, "sip_proxy")
+    assert ca.records() == []
+
+
+def test_sign_refuses_a_request_whose_signature_does_not_verify(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    _, request = make_request("node1")
+    der = bytearray(x509.load_pem_x509_csr(request).public_bytes(serialization.Encoding.DER))
+    der[-1] ^= 0x01  # the last byte of the signature
+    tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(PKIError, match="signature does not verify"):
+        ca.sign("node1", tampered, "sip_proxy")
+
+
+def test_renew_reissues_what_expires_soon_for_the_same_key_and_keeps_the_old_one_valid(tmp_path):
+    start = datetime.now(UTC)
+    ca = CertificateAuthority.init(tmp_path / "ca", now=start)
+    key, request = make_request("node1")
+    first, _ = ca.sign("node1", request, "sip_proxy", address="10.0.0.5", days=100, now=start)
+    ca.issue("es1", "thor_eventserver", days=400, now=start)
+    ca.revoke("es1", now=start)
+    ca.issue("es2", "thor_eventserver", days=400, now=start)
+
+    assert ca.renew(timedelta(days=30), now=start + timedelta(days=60)) == []
+    later = start + timedelta(days=75)
+    (renewed,) = ca.renew(timedelta(days=30), days=100, now=later)
+    assert (renewed.name, renewed.roles, renewed.address) == ("node1", ("sip_proxy",), "10.0.0.5")
+    assert renewed.not_after - later == timedelta(days=100)
+    certificate = load_certificate(ca.certificate_path("node1"))
+    assert certificate.serial_number == renewed.serial
+    assert public_der(certificate.public_key()) == public_der(key.public_key())
+    statuses = {r.serial: r.status(later) for r in ca.records() if r.name == "node1"}
+    assert statuses == {first.serial: "valid", renewed.serial: "valid"}
+    assert {entry.serial_number for entry in load_crl(ca.crl_path)} == {ca.records()[1].serial}
+    # Renewed once: the next run finds nothing to do.
+    assert ca.renew(timedelta(days=30), now=later) == []
+
+
+def test_cli_sign_and_renew(tmp_path, capsys, monkeypatch):
+    directory = str(tmp_path / "ca")
+    assert pki_main(["--dir", directory, "init"]) == 0
+    capsys.readouterr()
+    request_file = tmp_path / "node1.csr"
+    request_file.write_bytes(make_request("node1")[1])
+    arguments = ["--dir", directory, "sign", "node1", "--csr", str(request_file), "--roles", "sip_proxy"]
+    assert pki_main(arguments) == 0
+    assert capsys.readouterr().out.startswith("issued node1 ")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(request_file.read_bytes())))
+    assert pki_main([*arguments[:5], "-", *arguments[6:]]) == 0
+    assert capsys.readouterr().out.startswith("unchanged node1 ")
+    assert pki_main(["--dir", directory, "renew"]) == 0
+    assert capsys.readouterr().out == "no certificate expires within 30 days\n"
+    assert pki_main(["--dir", directory, "renew", "--within", "800"]) == 0
+    assert capsys.readouterr().out.startswith("renewed node1 (serial ")
+    assert pki_main(["--dir", directory, "renew", "--within", "0"]) == 1
+    assert "--within must be at least 1" in capsys.readouterr().err
+
+
+def test_renew_stops_where_the_ca_expires(tmp_path):
+    start = datetime.now(UTC)
+    ca = CertificateAuthority.init(tmp_path / "ca", days=100, now=start)
+    record = ca.issue("node1", "sip_proxy", now=start)  # 730 days asked, 100 given: the CA's end
+    assert record.not_after == not_valid_after(load_certificate(ca.ca_certificate_path))
+    assert ca.renew(timedelta(days=30), now=start + timedelta(days=80)) == []

@@ -5,7 +5,9 @@ State lives in one directory, owned by the operator (mode 0700):
     ca.crt  ca.key          the provider CA (key mode 0600)
     crl.pem                 the current certificate revocation list
     index.json              every certificate ever issued, and the CRL number
-    nodes/NAME.crt NAME.key node certificates and keys (keys mode 0600)
+    nodes/NAME.crt          the current certificate of each node
+    nodes/NAME.key          its key, only when 'thor-pki issue' made it (mode 0600);
+                            rollouts make keys on their hosts and send a CSR ('sign')
 
 Node certificate profile (see docs/pki.md): subject CN = node name;
 subjectAltName carries DNS:<name>, IP:<address> when given, and one URI
@@ -27,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from thor.config import Section, Setting
@@ -77,6 +79,11 @@ class PKIConfig(Section):
         Integer(1, 3650),
         "30",
         "Validity of the CRL, in days; re-issue it with 'thor-pki crl' before it expires.",
+    )
+    renew_days = Setting(
+        Integer(1, 36500),
+        "30",
+        "'thor-pki renew' re-issues the certificates that expire within this many days.",
     )
     extra_roles = Setting(
         NameList(),
@@ -244,27 +251,99 @@ class CertificateAuthority:
     # -- node certificates --------------------------------------------------
 
     def issue(self, name, roles, address=None, days=730, replace=False, not_before=None, now=None):
-        """Issue a certificate and key for node name; returns its CertificateRecord.
+        """Issue a certificate and a new key for node name (the key kept in nodes/NAME.key);
+        returns its CertificateRecord. Rollouts use sign() instead: keys made on their hosts.
 
         roles: an iterable of role names or a comma separated string. A name
         may hold one valid certificate; replace=True revokes the current one
         (reason superseded). not_before is for tests of not-yet-valid
         certificates; days may be negative for tests of expired ones.
         """
+        key = ec.generate_private_key(ec.SECP256R1())
+        record = self._certify(name, key.public_key(), roles, address, days, replace, not_before, now)
+        _write_private(self.key_path(name), _key_pem(key))
+        return record
+
+    def sign(self, name, request_pem, roles, address=None, days=730, now=None):
+        """Certify the key of a certificate signing request made on the node's host, with the
+        roles and address given here (what the CSR asks for besides its key is ignored: the
+        inventory decides). Returns (record, True) when a certificate was issued, (record,
+        False) when name's current certificate certifies that key with those roles and address
+        already. A different key or roles supersede the current certificate (revoked)."""
         now = now or datetime.now(UTC)
-        check_node_name(name)
+        public_key = _request_key(name, request_pem)
+        current = self._current_certificate(name, now)
+        if current is not None:
+            record, certificate = current
+            if (
+                _key_id(certificate.public_key()) == _key_id(public_key)
+                and set(record.roles) == set(self._parse_roles(roles))
+                and record.address == self._parse_address(address)
+            ):
+                return record, False
+        record = self._certify(name, public_key, roles, address, days, True, None, now)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.key_path(name))  # a key issue() made once: the host's key replaces it
+        return record, True
+
+    def renew(self, within, days=730, now=None):
+        """Re-issue every current certificate that expires within `within` (a timedelta), for
+        the same key, roles and address; returns the new records. The old certificate is not
+        revoked: it stays valid until it expires, so the programs holding it go on while
+        they take up the new one."""
+        now = now or datetime.now(UTC)
+        with open(self.ca_certificate_path, "rb") as stream:
+            ca_expiry = not_valid_after(x509.load_pem_x509_certificate(stream.read()))
+        renewed = []
+        for name in sorted({record.name for record in self.records()}):
+            current = self._current_certificate(name, now)
+            if current is None or current[0].not_after - now > within:
+                continue
+            if min(now + timedelta(days=days), ca_expiry) <= current[0].not_after:
+                continue  # bounded by the CA's own expiry: only a CA rollover helps
+            record, certificate = current
+            renewed.append(
+                self._certify(name, certificate.public_key(), record.roles, record.address, days, "renew", None, now)
+            )
+        return renewed
+
+    def _current_certificate(self, name, now):
+        """(record, certificate) of name's newest valid certificate, or None."""
+        records = [r for r in self.records() if r.name == name and r.status(now) == "valid"]
+        try:
+            with open(self.certificate_path(name), "rb") as stream:
+                certificate = x509.load_pem_x509_certificate(stream.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        for record in records:
+            if record.serial == certificate.serial_number:
+                return record, certificate
+        return None
+
+    def _parse_roles(self, roles):
         if not isinstance(roles, str):
             roles = ",".join(roles)
         try:
-            roles = parse_roles(roles, self.extra_roles)
+            return parse_roles(roles, self.extra_roles)
         except RoleError as error:
             raise PKIError(str(error)) from None
-        ip = None
-        if address:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                raise PKIError(f"invalid address {address!r}: expected an IPv4 or IPv6 address") from None
+
+    @staticmethod
+    def _parse_address(address):
+        if not address:
+            return None
+        try:
+            return str(ipaddress.ip_address(address))
+        except ValueError:
+            raise PKIError(f"invalid address {address!r}: expected an IPv4 or IPv6 address") from None
+
+    def _certify(self, name, public_key, roles, address, days, replace, not_before, now):
+        """Sign a certificate for name and public_key. replace: False refuses when name holds
+        a valid certificate, True revokes it (superseded), "renew" keeps it valid."""
+        now = now or datetime.now(UTC)
+        check_node_name(name)
+        roles = self._parse_roles(roles)
+        address = self._parse_address(address)
         with _locked(self.directory):
             ca_certificate, ca_key = self._load_ca(now)
             crl_number, records = self._read_index()
@@ -277,16 +356,15 @@ class CertificateAuthority:
                 )
             start = not_before or (now - CLOCK_SKEW)
             end = min(now + timedelta(days=days), not_valid_after(ca_certificate))
-            key = ec.generate_private_key(ec.SECP256R1())
             alt_names = [x509.DNSName(name)]
-            if ip is not None:
-                alt_names.append(x509.IPAddress(ip))
+            if address is not None:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(address)))
             alt_names.extend(x509.UniformResourceIdentifier(role_uri(role)) for role in roles)
             certificate = (
                 x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                 .issuer_name(ca_certificate.subject)
-                .public_key(key.public_key())
+                .public_key(public_key)
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(start)
                 .not_valid_after(end)
@@ -297,15 +375,14 @@ class CertificateAuthority:
                     critical=False,
                 )
                 .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
                 .add_extension(_authority_key_identifier(ca_certificate), critical=False)
                 .sign(ca_key, hashes.SHA256())
             )
-            record = CertificateRecord(name, certificate.serial_number, roles, str(ip) if ip else None, start, end)
-            _write_private(self.key_path(name), _key_pem(key))
+            record = CertificateRecord(name, certificate.serial_number, roles, address, start, end)
             _write_public(self.certificate_path(name), certificate.public_bytes(serialization.Encoding.PEM))
             records.append(record)
-            if current:
+            if current and replace is True:
                 for old in current:
                     old.revoked, old.reason = now, "superseded"
                 crl_number += 1
@@ -393,6 +470,41 @@ def _key_usage(certificate_authority):
 def _authority_key_identifier(ca_certificate):
     ski = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+# Keys a node may present: what the TLS contexts accept from peers (docs/pki.md).
+_ACCEPTED_CURVES = ("secp256r1", "secp384r1")
+_MINIMUM_RSA_BITS = 2048
+
+
+def _request_key(name, request_pem):
+    """The public key of a CSR for name, after checking its signature, its name and its key."""
+    if isinstance(request_pem, str):
+        request_pem = request_pem.encode("utf-8", "replace")
+    try:
+        request = x509.load_pem_x509_csr(request_pem)
+    except ValueError:
+        raise PKIError("not a PEM certificate signing request") from None
+    if not request.is_signature_valid:
+        raise PKIError("the certificate signing request's signature does not verify")
+    names = [attribute.value for attribute in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [name]:
+        raise PKIError(
+            f"the certificate signing request is for {', '.join(map(repr, names)) or 'no name'}, not {name!r}"
+        )
+    key = request.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _ACCEPTED_CURVES:
+        return key
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MINIMUM_RSA_BITS:
+        return key
+    raise PKIError(
+        f"the certificate signing request's key is not accepted: use EC {' or '.join(_ACCEPTED_CURVES)}"
+        f" or RSA of {_MINIMUM_RSA_BITS} bits or more"
+    )
+
+
+def _key_id(public_key):
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _key_pem(key):

@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import gevent
 
@@ -45,12 +45,31 @@ def build_parser():
         "--replace", action="store_true", help="revoke the node's current certificate (superseded) and issue anew"
     )
 
+    sign = commands.add_parser(
+        "sign",
+        help="certify the key of a CSR made on the node's host (unless its current certificate does already)",
+    )
+    sign.add_argument("name", help="node name: must be the CSR's common name")
+    sign.add_argument("--csr", required=True, metavar="FILE", help="the PEM certificate signing request ('-': stdin)")
+    sign.add_argument("--roles", required=True, help="comma separated roles the node may take (not the CSR's)")
+    sign.add_argument("--address", help="the node's IP address, added to the certificate")
+    sign.add_argument("--days", type=int, help="validity in days (default: [PKI] certificate_days)")
+
+    renew = commands.add_parser(
+        "renew", help="re-issue, for the same key, every certificate that expires soon (run it daily)"
+    )
+    renew.add_argument("--within", type=int, metavar="DAYS", help="expiring within DAYS (default: [PKI] renew_days)")
+    renew.add_argument("--days", type=int, help="validity in days (default: [PKI] certificate_days)")
+
     revoke = commands.add_parser("revoke", help="revoke a node's certificates and re-issue the CRL")
     revoke.add_argument("name")
     revoke.add_argument("--reason", default="unspecified", choices=sorted(REVOCATION_REASONS))
 
     crl = commands.add_parser("crl", help="re-issue the CRL (do it before it expires)")
     crl.add_argument("--days", type=int, help="CRL validity in days (default: [PKI] crl_days)")
+    crl.add_argument(
+        "--within", type=int, metavar="DAYS", help="only when the CRL expires within DAYS (for a daily timer)"
+    )
 
     publish = commands.add_parser(
         "publish-crl", help="hand the CRL to the event servers, which pass it on to every member"
@@ -70,8 +89,9 @@ def main(argv=None):
     try:
         (config,) = load_config(options.config or DEFAULT_CONFIG_PATH, PKIConfig, required=options.config is not None)
         directory = options.dir or config.directory
-        if getattr(options, "days", None) is not None and options.days < 1:
-            raise PKIError("--days must be at least 1")
+        for option in ("days", "within"):
+            if getattr(options, option, None) is not None and getattr(options, option) < 1:
+                raise PKIError(f"--{option} must be at least 1")
         return COMMANDS[options.command](options, config, directory)
     except (ConfigError, PKIError) as error:
         print(f"thor-pki: error: {error}", file=sys.stderr)
@@ -104,10 +124,39 @@ def command_issue(options, config, directory):
         days=options.days or config.certificate_days,
         replace=options.replace,
     )
-    print(f"issued {record.name} (serial {record.serial:x}) roles {','.join(record.roles)}")
+    _print_certificate(ca, "issued", record)
+    print(f"  key:         {ca.key_path(record.name)}")
+    return 0
+
+
+def command_sign(options, config, directory):
+    ca = _open(config, directory)
+    if options.csr == "-":
+        request = sys.stdin.buffer.read()
+    else:
+        with open(options.csr, "rb") as stream:
+            request = stream.read()
+    record, issued = ca.sign(
+        options.name, request, options.roles, address=options.address, days=options.days or config.certificate_days
+    )
+    _print_certificate(ca, "issued" if issued else "unchanged", record)
+    return 0
+
+
+def _print_certificate(ca, state, record):
+    print(f"{state} {record.name} (serial {record.serial:x}) roles {','.join(record.roles)}")
     print(f"  valid until: {record.not_after:%Y-%m-%d %H:%M} UTC")
     print(f"  certificate: {ca.certificate_path(record.name)}")
-    print(f"  key:         {ca.key_path(record.name)}")
+
+
+def command_renew(options, config, directory):
+    ca = _open(config, directory)
+    within = options.within or config.renew_days
+    renewed = ca.renew(timedelta(days=within), days=options.days or config.certificate_days)
+    for record in renewed:
+        print(f"renewed {record.name} (serial {record.serial:x}) valid until {record.not_after:%Y-%m-%d %H:%M} UTC")
+    if not renewed:
+        print(f"no certificate expires within {within} days")
     return 0
 
 
@@ -121,6 +170,10 @@ def command_revoke(options, config, directory):
 
 def command_crl(options, config, directory):
     ca = _open(config, directory)
+    expiry = ca.crl_expiry()
+    if options.within and expiry - datetime.now(UTC) > timedelta(days=options.within):
+        print(f"CRL kept: {ca.crl_path}, valid until {expiry:%Y-%m-%d %H:%M} UTC")
+        return 0
     expiry = ca.renew_crl(days=options.days or config.crl_days)
     print(f"CRL re-issued: {ca.crl_path}, valid until {expiry:%Y-%m-%d %H:%M} UTC")
     return 0
@@ -203,6 +256,8 @@ def command_list(options, config, directory):
 COMMANDS = {
     "init": command_init,
     "issue": command_issue,
+    "sign": command_sign,
+    "renew": command_renew,
     "revoke": command_revoke,
     "crl": command_crl,
     "publish-crl": command_publish_crl,

@@ -120,6 +120,8 @@ class ServerLink:
         self.keepalive = None
         self.server_serial = None
         self.server_certificate_expires = None  # seconds since the epoch
+        self.reconnecting = False  # reconnect() dropped the connection; cleared once back
+        self.certificate_serial = None  # of our certificate the connection was made with
         self.pings_sent = 0
         self.pongs_received = 0
         self._pong = Event()
@@ -130,6 +132,10 @@ class ServerLink:
     def __str__(self):
         name = self.server_name or "event server"
         return f"{name} ({format_address(self.endpoint)})"
+
+    @property
+    def stopped(self):
+        return self._stopped
 
     def stop(self, flush_timeout=0):
         """Stop; what is queued (a leave, say) gets flush_timeout seconds to go out."""
@@ -145,6 +151,12 @@ class ServerLink:
         """Drop the connection now (it reconnects after its backoff, unless stopped)."""
         if self._writer is not None:
             self._writer.close()
+
+    def reconnect(self):
+        """Drop the connection on purpose and connect anew (a renewed certificate): while
+        reconnecting is true, followers may keep what this server told them."""
+        self.reconnecting = True
+        self.disconnect()
 
     def ping(self):
         """Send a ping; returns its number, or None when the link is down."""
@@ -167,28 +179,34 @@ class ServerLink:
         while not self._stopped:
             try:
                 self._session()
-                delay = self.client.backoff_min  # it was up: start the backoff anew
             except (OSError, TLSError, ProtocolError, FrameError) as error:
                 if self._stopped:
                     return
-                level = logging.DEBUG if delay > self.client.backoff_min else logging.WARNING
-                log.log(level, "%s: %s", self, error)
+                # A link that was up says why it broke; failed attempts after the first, quietly.
+                quiet = self.reconnecting or (delay > self.client.backoff_min and not self.connected)
+                log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s", self, error)
             except Exception:
                 log.exception("%s: unexpected error; reconnecting", self)
             finally:
+                was_up = self.connected
                 self._disconnected()
             if self._stopped:
                 return
+            if was_up:  # however long ago the last failures were, start the backoff anew
+                delay = self.client.backoff_min
             # Jitter spreads the reconnects of hundreds of members after an event server restarts.
             gevent.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self.client.backoff_max)
 
     def _session(self):
+        # Read before the handshake: a certificate renewed meanwhile counts as not yet used.
+        serial = getattr(self.client.contexts, "certificate_serial", None)
         tls_socket, identity = self.client.connect(
             self.endpoint, timeout=self.client.connect_timeout, expected_role=roles.EVENT_SERVER
         )
         self.server_name = identity.name
         self.server_serial = identity.serial
+        self.certificate_serial = serial
         self.server_certificate_expires = identity.not_after
         self._writer = QueuedWriter(tls_socket, self.client.send_queue_limit)
         decoder = FrameDecoder(protocol.MAX_SERVER_FRAME_SIZE)
@@ -305,8 +323,11 @@ class EventClient:
         self._error_callbacks = []
         self._changed = Event()
         self._discovery = None
+        self._renewing = None  # the greenlet moving the links to a renewed certificate
         if contexts is not None:
+            self._certificate_serial = contexts.certificate_serial
             contexts.add_reload_callback(self._drop_revoked_servers)
+            contexts.add_reload_callback(self._move_to_renewed_certificate)
 
     @classmethod
     def from_config(cls, network, contexts, connect_timeout=5.0):
@@ -446,6 +467,9 @@ class EventClient:
         """Close every link, giving what is queued flush_timeout seconds to go out."""
         if self.contexts is not None:
             self.contexts.remove_reload_callback(self._drop_revoked_servers)
+            self.contexts.remove_reload_callback(self._move_to_renewed_certificate)
+        if self._renewing is not None:
+            self._renewing.kill(block=False)
         if self._discovery is not None:
             self._discovery.kill(block=False)
         gevent.joinall([gevent.spawn(link.stop, flush_timeout) for link in self.links.values()])
@@ -459,6 +483,44 @@ class EventClient:
             if link.connected and link.server_serial in contexts.revoked_serials:
                 log.warning("disconnecting from %s: its certificate was revoked", link)
                 link.disconnect()
+
+    def _move_to_renewed_certificate(self, contexts):
+        """This program's certificate was renewed: reconnect to the event servers one at a time, so
+        that every server sees (and thor-monitor reports) the new certificate before the old one
+        expires, and the member stays in the network status through its other links."""
+        if contexts.certificate_serial == self._certificate_serial:
+            return
+        self._certificate_serial = contexts.certificate_serial
+        if self._renewing is None or self._renewing.dead:
+            self._renewing = gevent.spawn(self._reconnect_links_in_turn)
+
+    def _reconnect_links_in_turn(self):
+        # Long enough for a reconnect after the shortest backoff; a server that does not take
+        # the link back by then is left to the link's own retries.
+        bound = self.connect_timeout + 2 * self.backoff_min + 5.0
+        # Until every connected link holds the newest certificate (one renewed again meanwhile
+        # included); each link at most a few times, whatever happens.
+        for _ in range(2 * len(self.links) + 2):
+            serial = self.contexts.certificate_serial
+            stale = [
+                link for _, link in sorted(self.links.items()) if link.connected and link.certificate_serial != serial
+            ]
+            if not stale:
+                return
+            link = stale[0]
+            log.info("reconnecting to %s with the renewed certificate (serial %x)", link, serial)
+            link.reconnect()
+            with gevent.Timeout(bound, False):
+                while link.connected:
+                    gevent.sleep(0.05)
+                while not link.connected and not link.stopped:
+                    gevent.sleep(0.05)
+                # Back once the server has handled what the link re-sent (presence included):
+                # then it reports this member's session on the new connection.
+                number = link.ping()
+                if number is not None:
+                    link.wait_pong(number, bound)
+            link.reconnecting = False
 
     def _broadcast(self, frame):
         return sum(1 for link in self.links.values() if link.send(frame))

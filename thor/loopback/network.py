@@ -18,26 +18,35 @@ __all__ = ["EventServerProcess", "Overlay", "Recorder", "event_client", "members
 EVENTSERVER = ["-m", "thor.eventserver.main"]
 
 
-def host_files(directory, name, files, own_crl):
+def host_files(directory, name, files, own_crl, **tls_settings):
     """files, with a copy of the CRL of name's own when own_crl (as on a host of its own, where a
     new CRL arrives over the bus or is put by hand), else the CA's file (each CA change seen at once)."""
     if own_crl:
         crl = os.path.join(directory, f"{name}.crl.pem")
         shutil.copyfile(files["crl"], crl)
         files = dict(files, crl=crl)
-    return tls_values(files, learned_crl=os.path.join(directory, f"{name}.learned-crl.pem"))
+    return tls_values(files, learned_crl=os.path.join(directory, f"{name}.learned-crl.pem"), **tls_settings)
 
 
 class EventServerProcess(Program):
     def __init__(
-        self, directory, pki, name, address="127.0.0.1", port=None, python=sys.executable, own_crl=False, **settings
+        self,
+        directory,
+        pki,
+        name,
+        address="127.0.0.1",
+        port=None,
+        python=sys.executable,
+        own_crl=False,
+        tls_settings=None,
+        **settings,
     ):
         self.address = address
         self.port = port or free_port(address)
         files = pki.files(name, roles.EVENT_SERVER, address=address)
         values = {"listen": f"{address}:{self.port}", "keepalive": 0.5, "idle_timeout": 1.5}
         values.update(settings)
-        tls = host_files(directory, name, files, own_crl)
+        tls = host_files(directory, name, files, own_crl, **(tls_settings or {}))
         super().__init__(directory, name, EVENTSERVER, {"TLS": tls, "EventServer": values}, python)
 
     @property
@@ -80,10 +89,12 @@ def event_client(pki, name, member_roles, servers, connect=True, **kwargs):
 
 
 class Overlay:
-    def __init__(self, directory, pki, domain="sipthor.test", python=sys.executable, own_crl=False):
-        """own_crl: each program reads a copy of the CRL of its own (host_files())."""
+    def __init__(self, directory, pki, domain="sipthor.test", python=sys.executable, own_crl=False, tls_settings=None):
+        """own_crl: each program reads a copy of the CRL of its own (host_files()); tls_settings:
+        more [TLS] settings of every program."""
         self.directory = str(directory)
         self.own_crl = own_crl
+        self.tls_settings = dict(tls_settings or {})
         self.pki = pki
         self.domain = domain
         self.python = python
@@ -94,7 +105,7 @@ class Overlay:
     def eventserver(self, name, address="127.0.0.1", port=None, **settings):
         """Start an event server (not waiting for it: wait_ready())."""
         server = EventServerProcess(
-            self.directory, self.pki, name, address, port, self.python, self.own_crl, **settings
+            self.directory, self.pki, name, address, port, self.python, self.own_crl, self.tls_settings, **settings
         )
         self.eventservers.append(server)
         return server
@@ -116,7 +127,7 @@ class Overlay:
         """Start a member program (thor.manager.main, thor.node.main, ...) with its own certificate,
         or with the certificate of another name (programs sharing a host: one name, one certificate)."""
         files = self.pki.files(certificate or name, member_roles, address=address)
-        tls = host_files(self.directory, name, files, self.own_crl)
+        tls = host_files(self.directory, name, files, self.own_crl, **self.tls_settings)
         config = {"ThorNetwork": self.network(), "TLS": tls, **sections}
         program = Program(self.directory, name, ["-m", module], config, self.python, arguments)
         self.programs[name] = program
@@ -153,6 +164,12 @@ class Overlay:
         member.start()
         self.clients.append(client)
         return member
+
+    def monitor(self, *arguments, name="monitor1", run=None):
+        """thor-monitor with arguments (run: a name for its files, default name), under the
+        certificate of name (issued role thor_monitor on first use)."""
+        sections = {"ThorNetwork": self.network(), "TLS": tls_values(self.pki.files(name, roles.MONITOR))}
+        return Program(self.directory, run or name, ["-m", "thor.monitor.main", *arguments], sections, self.python)
 
     def wait_started(self, timeout=20):
         """Wait until every program runs; the first that exits instead fails with its log."""

@@ -10,11 +10,16 @@ __all__ = ["ScratchPKI"]
 
 
 class ScratchPKI:
-    def __init__(self, directory):
+    def __init__(self, directory, certificate_days=730, now=None):
+        """now: the CA's clock for every certificate it issues (a test's simulated date)."""
         self.directory = str(directory)
-        self.ca = CertificateAuthority.init(self.directory)
+        self.certificate_days = certificate_days
+        self.now = now
+        self.ca = CertificateAuthority.init(self.directory, now=now)
 
     def issue(self, name, roles="sip_proxy", **kwargs):
+        kwargs.setdefault("days", self.certificate_days)
+        kwargs.setdefault("now", self.now)
         self.ca.issue(name, roles, **kwargs)
         return self.files(name)
 

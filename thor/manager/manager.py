@@ -47,6 +47,11 @@ RETRY_AFTER = 1.0
 # since the last: every member applies a few a second whatever the churn. Other changes go
 # out after `coalesce`.
 MIN_INTERVAL = 0.25
+# How long what an event server told us stands while our link to it reconnects on purpose
+# (a renewed certificate, EventClient): its snapshot on the new connection replaces it.
+RECONNECT_GRACE = 10.0
+# How often removals held during such a reconnect are looked at again.
+RECONNECT_CHECK = 0.2
 STORM = 5
 
 
@@ -110,8 +115,19 @@ class Manager:
         self._changed()
 
     def _on_server_lost(self, link):
-        if link.server_name:
-            self.view.server_lost(link.server_name)
+        if not link.server_name:
+            return
+        if link.reconnecting:
+            # Our own reconnect with a renewed certificate: what the server told us stands until
+            # its snapshot on the new connection replaces it, or RECONNECT_GRACE passes without.
+            gevent.spawn_later(RECONNECT_GRACE, self._lost_unless_back, link, link.server_name)
+            return
+        self.view.server_lost(link.server_name)
+        self._changed()
+
+    def _lost_unless_back(self, link, server):
+        if not link.connected:
+            self.view.server_lost(server)
             self._changed()
 
     def _on_status(self, message):
@@ -177,6 +193,13 @@ class Manager:
             return
         members = self.view.live_members()
         published = self.published
+        if published is not None and any(link.reconnecting for link in self.client.links.values()):
+            # Our own reconnect with a renewed certificate hides what that server saw meanwhile
+            # (a member may have moved its connection there): removals wait until it is back.
+            held = {name: entity for name, entity in published.members.items() if name not in members}
+            if held:
+                members = {**members, **held}
+                self._changed(RECONNECT_CHECK)
         if published is None:
             chain = os.urandom(6).hex()
             status = NetworkStatus(next_version(self.highest_version), self.name, members, chain=chain)

@@ -131,7 +131,7 @@ def pki_problems(rows, days):
     remedy = {
         "ca": "a CA rollover (docs/pki.md)",
         "crl": "'thor-pki crl' and 'thor-pki publish-crl' where the CA is",
-        "certificate": "a new certificate for it ('thor-pki issue NAME --replace', or the rollout)",
+        "certificate": "a new certificate for it ('thor-pki renew' and playbooks/renew.yml where the CA is)",
     }
     problems = []
     for row in rows:

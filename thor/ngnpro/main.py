@@ -86,10 +86,14 @@ class NGNProDaemon(MemberDaemon):
         self.client.subscribe(STATISTICS, self._relay_statistics)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        https_files = (settings.certificate or tls.certificate, settings.private_key or tls.private_key)
         try:
-            context.load_cert_chain(settings.certificate or tls.certificate, settings.private_key or tls.private_key)
+            context.load_cert_chain(*https_files)
         except (OSError, ssl.SSLError) as problem:
             raise StartupError(f"[NGNPro] the HTTPS certificate or key cannot be loaded: {problem}") from None
+        # A renewed certificate is taken up by new HTTPS connections without a restart, with the
+        # node's TLS files (the default; a separate HTTPS certificate changes with them or at restart).
+        self.tls.add_reload_callback(lambda _contexts: self._reload_https(context, https_files))
         try:
             self.server = HTTPServer(
                 settings.listen,
@@ -105,6 +109,12 @@ class NGNProDaemon(MemberDaemon):
         self.server.start()
         self.rings.start()
         self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))
+
+    def _reload_https(self, context, files):
+        try:
+            context.load_cert_chain(*files)
+        except (OSError, ssl.SSLError) as problem:
+            self.log.error("keeping the HTTPS certificate in use: %s or %s cannot be loaded: %s", *files, problem)
 
     def teardown(self):
         self.loads.stop()  # before the store closes: a killed load hands its connection back

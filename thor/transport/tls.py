@@ -63,6 +63,7 @@ class TLSContexts:
         self.ca_certificate = None
         self.revocation_list = None  # the RevocationList in use
         self.certificate_expiry = None
+        self.certificate_serial = None  # of this program's own certificate
         self._stamp = self._file_stamp()
         self._use(self._build())
         self._watcher = None
@@ -130,7 +131,7 @@ class TLSContexts:
 
     def _use(self, built):
         self.server_context, self.client_context, self.ca_certificate, self.revocation_list = built[:4]
-        self.certificate_expiry = built[4]
+        self.certificate_serial, self.certificate_expiry = built[4]
         self.check_expiry()
 
     def expiries(self):
@@ -141,7 +142,7 @@ class TLSContexts:
             (
                 f"this node's certificate {self.certificate}",
                 self.certificate_expiry,
-                f"'thor-pki issue NAME --replace' {where}",
+                f"'thor-pki renew' and playbooks/renew.yml {where}",
             ),
             (
                 f"the {self.revocation_list}",
@@ -209,7 +210,7 @@ class TLSContexts:
         client_context.check_hostname = False
         client_context.verify_mode = ssl.CERT_REQUIRED
         server_context.verify_mode = ssl.CERT_REQUIRED
-        return server_context, client_context, ca_certificate, revocation_list, self._certificate_expiry()
+        return server_context, client_context, ca_certificate, revocation_list, self._own_certificate()
 
     def _context(self, protocol, crl_path):
         context = ssl.SSLContext(protocol)
@@ -228,12 +229,14 @@ class TLSContexts:
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return context
 
-    def _certificate_expiry(self):
+    def _own_certificate(self):
+        """(serial, expiry) of this program's certificate."""
         try:
             with open(self.certificate, "rb") as stream:
-                return not_valid_after(x509.load_pem_x509_certificate(stream.read()))
+                certificate = x509.load_pem_x509_certificate(stream.read())
         except (OSError, ValueError):
-            return None  # load_cert_chain() said why already, or will
+            return None, None  # load_cert_chain() said why already, or will
+        return certificate.serial_number, not_valid_after(certificate)
 
     def _load_ca(self):
         try:

@@ -9,8 +9,10 @@ import json
 import os
 import random
 import shlex
+import ssl
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import dns.resolver
 import gevent
@@ -20,6 +22,7 @@ import testinfra
 import zeep
 import zeep.exceptions
 import zeep.transports
+from cryptography import x509
 
 from thor.lookup.client import LookupClient
 from thor.loopback.kamailio import register
@@ -31,6 +34,7 @@ DOMAIN = "molecule.sipthor.test"
 NETWORK = "thor-molecule"
 ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22", "node3": "172.30.0.23"}
 NODES = set(ADDRESSES)
+THOR2 = "172.30.0.12"  # an event server with NGNPro
 PROGRAMS = {
     "thor1": {"thor-eventserver", "thor-manager"},
     "thor2": {"thor-eventserver", "thor-manager", "ngnpro"},
@@ -138,16 +142,9 @@ def test_each_name_server_publishes_every_services_own_port(server):
 
 
 def run_playbook(name, *extra):
-    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
-    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
-    return subprocess.run(
-        ["ansible-playbook", "-i", inventory, os.path.join(project, "playbooks", name), *extra],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
-        timeout=600,
-        check=False,
-    )
+    rollout = run_playbook_in_background(name, *extra)
+    output = rollout.communicate(timeout=600)[0]
+    return subprocess.CompletedProcess(rollout.args, rollout.returncode, output, "")
 
 
 def test_the_rollout_verification_names_a_withdrawn_role_and_its_check():
@@ -534,10 +531,103 @@ def test_a_stopped_relay_gets_no_new_calls_and_takes_calls_again_once_back():
         phone.close()
 
 
-def test_certificate_revoked_through_the_playbook_is_refused():
-    result = run_playbook("revoke.yml", "-e", json.dumps({"thor_pki_revoke": ["node2"]}))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    status_where(lambda s: "node2" not in s["members"], 30, "node2 refused")
+SERIAL_OF_NODE_CERTIFICATE = (
+    'python3 -c "from cryptography import x509; '
+    "print(x509.load_pem_x509_certificate(open('/etc/thor/tls/node.crt', 'rb').read()).serial_number)\""
+)
+
+
+def host_certificates():
+    """{host: (the serial of its node.crt, the SHA-256 of its node.key, its supervisor programs' pids)}."""
+    found = {}
+    for name in sorted(PROGRAMS):
+        target = host(name)
+        found[name] = (
+            target.run(SERIAL_OF_NODE_CERTIFICATE).stdout.strip(),
+            target.run("sha256sum /etc/thor/tls/node.key").stdout.split()[0],
+            target.run("supervisorctl pid all").stdout.split(),
+        )
+    return found
+
+
+def served_serial(address, port):
+    pem = ssl.get_server_certificate((address, port), timeout=5)
+    return str(x509.load_pem_x509_certificate(pem.encode()).serial_number)
+
+
+def test_keys_are_made_on_their_hosts_and_certificates_renew_in_place():
+    """No node key at the CA; renewal certifies the hosts' keys anew and every program takes the new
+    certificate up without a restart, while the network status keeps every member."""
+    pki = os.environ["THOR_MOLECULE_PKI"]
+    assert [name for name in os.listdir(os.path.join(pki, "nodes")) if name.endswith(".key")] == []
+    for name in PROGRAMS:
+        assert host(name).run("stat -c '%a %U %G' /etc/thor/tls/node.key").stdout.split() == ["640", "root", "thor"]
+    before = host_certificates()
+    members = set(status_where(lambda s: len(s["members"]) == 8, 60, "8 members")["members"])
+    assert served_serial(THOR2, 9200) == before["thor2"][0]
+
+    renewed = subprocess.run(
+        [sys.executable, "-m", "thor.cli.pki", "--dir", pki, "renew", "--within", "3650"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert renewed.returncode == 0, renewed.stderr
+    assert renewed.stdout.count("renewed ") == len(PROGRAMS), renewed.stdout
+    rollout = run_playbook_in_background("renew.yml")
+    polls = []
+    while rollout.poll() is None:
+        current = status()
+        polls.append(set(current["members"]) if current else set())
+    output = rollout.communicate()[0]
+    assert rollout.returncode == 0, output[-3000:]
+    assert polls and all(seen == members for seen in polls), [sorted(members - seen) for seen in polls]
+
+    after = host_certificates()
+    for name in PROGRAMS:
+        serial, key, pids = after[name]
+        assert serial != before[name][0], f"{name} kept its certificate"
+        assert (key, pids) == before[name][1:], f"{name}: a new key or restarted programs"
+    # NGNPro's HTTPS and every event server present the new certificate, unrestarted.
+    wait_for(lambda: served_serial(THOR2, 9200) == after["thor2"][0], 30, message="NGNPro renewed")
+    for name in ("thor1", "thor2", "thor3"):
+        wait_for(
+            lambda name=name: (
+                "TLS files reloaded"
+                in host(name).run("grep 'TLS files reloaded' /var/log/supervisor/thor-eventserver.log").stdout
+            ),
+            30,
+            message=f"{name}'s event server reloading its certificate",
+        )
+    assert set(status_where(lambda s: len(s["members"]) == 8, 30, "8 members")["members"]) == members
+
+
+def run_playbook_in_background(name, *extra):
+    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    return subprocess.Popen(
+        ["ansible-playbook", "-i", inventory, os.path.join(project, "playbooks", name), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
+    )
+
+
+def test_certificate_revoked_through_the_playbook_is_refused_within_60_s():
+    rollout = run_playbook_in_background("revoke.yml", "-e", json.dumps({"thor_pki_revoke": ["node2"]}))
+    try:
+        status_where(lambda s: "node2" not in s["members"], 90, "node2 refused")
+        refused = datetime.now(UTC)
+    finally:
+        output = rollout.communicate(timeout=600)[0]
+    assert rollout.returncode == 0, output[-3000:]
+    with open(os.path.join(os.environ["THOR_MOLECULE_PKI"], "index.json")) as stream:
+        (revoked,) = [c["revoked"] for c in json.load(stream)["certificates"] if c["name"] == "node2" and c["revoked"]]
+    delay = (refused - datetime.fromisoformat(revoked)).total_seconds()
+    print(f"node2 revoked to out of the network status: {delay:.1f} s")
+    assert 0 < delay <= 60
     wait_for(
         lambda: "certificate revoked" in host("thor1").run("cat /var/log/supervisor/thor-eventserver.log").stdout,
         30,
