@@ -182,9 +182,9 @@ def test_a_change_reaches_only_the_node_that_owns_its_key(bus):
     assert not held(cache1) & held(cache2)
 
 
-def test_a_link_that_was_up_reconnects_at_once_however_often_it_failed_before(bus):
-    """The backoff starts anew after a session that was up: a member whose link failed a few
-    times months ago does not wait the longest backoff the next time its server restarts."""
+def test_a_link_reconnected_on_purpose_is_back_at_once_however_often_it_failed_before(bus):
+    """A renewed certificate moves each link to a new connection (ServerLink.reconnect()): that
+    link does not wait out the backoff its earlier failures built up."""
     client = bus.client("node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30))
     attempts = []
     connect = client.connect
@@ -196,6 +196,6 @@ def test_a_link_that_was_up_reconnects_at_once_however_often_it_failed_before(bu
     bus.add_server("es1")
     assert client.wait_connected(1, timeout=10)
     before = len(attempts)
-    client.links[("es1", 8000)].disconnect()  # the connection fails (the read ends in an error)
-    # Old behaviour: the next attempt after 3.2 s (x0.5-1.5); now after 0.05 s.
+    client.links[("es1", 8000)].reconnect()
+    # Without the reset: the next attempt after 3.2 s (x0.5-1.5); now after 0.05 s.
     wait_for(lambda: len(attempts) > before and client.connected_servers, 1.0, message="connected again at once")

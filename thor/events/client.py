@@ -179,6 +179,7 @@ class ServerLink:
         while not self._stopped:
             try:
                 self._session()
+                delay = self.client.backoff_min  # it ended cleanly: start the backoff anew
             except (OSError, TLSError, ProtocolError, FrameError) as error:
                 if self._stopped:
                     return
@@ -188,11 +189,10 @@ class ServerLink:
             except Exception:
                 log.exception("%s: unexpected error; reconnecting", self)
             finally:
-                was_up = self.connected
                 self._disconnected()
             if self._stopped:
                 return
-            if was_up:  # however long ago the last failures were, start the backoff anew
+            if self.reconnecting:  # dropped on purpose (reconnect()): back at once
                 delay = self.client.backoff_min
             # Jitter spreads the reconnects of hundreds of members after an event server restarts.
             gevent.sleep(delay * random.uniform(0.5, 1.5))
