@@ -272,7 +272,7 @@ class CertificateAuthority:
         already. A different key or roles supersede the current certificate (revoked)."""
         now = now or datetime.now(UTC)
         public_key = _request_key(name, request_pem)
-        current = self._current_certificate(name, now)
+        current = self._current_certificate(name, self.records(), now)
         if current is not None:
             record, certificate = current
             if (
@@ -295,8 +295,9 @@ class CertificateAuthority:
         with open(self.ca_certificate_path, "rb") as stream:
             ca_expiry = not_valid_after(x509.load_pem_x509_certificate(stream.read()))
         renewed = []
-        for name in sorted({record.name for record in self.records()}):
-            current = self._current_certificate(name, now)
+        records = self.records()  # read once: a network's every certificate
+        for name in sorted({record.name for record in records}):
+            current = self._current_certificate(name, records, now)
             if current is None or current[0].not_after - now > within:
                 continue
             if min(now + timedelta(days=days), ca_expiry) <= current[0].not_after:
@@ -307,9 +308,9 @@ class CertificateAuthority:
             )
         return renewed
 
-    def _current_certificate(self, name, now):
-        """(record, certificate) of name's newest valid certificate, or None."""
-        records = [r for r in self.records() if r.name == name and r.status(now) == "valid"]
+    def _current_certificate(self, name, records, now):
+        """(record, certificate) of name's current valid certificate among records, or None."""
+        records = [r for r in records if r.name == name and r.status(now) == "valid"]
         try:
             with open(self.certificate_path(name), "rb") as stream:
                 certificate = x509.load_pem_x509_certificate(stream.read())
