@@ -123,6 +123,9 @@ def test_kill_9_of_one_event_server_no_member_leaves(overlay):
     observer, _ = start_network(overlay)
     changes = []
     observer.status.on_change(lambda old, new: changes.append(set(new.members)))
+    # The status is whole as soon as each member reaches one server; the test needs every link to es1 up.
+    for program in overlay.programs.values():
+        program.wait_log("connected to es1")
     overlay.eventservers[0].kill()
     # Every member and manager loses one of its three links; the status must not lose anyone.
     for program in overlay.programs.values():
