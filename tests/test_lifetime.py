@@ -8,15 +8,19 @@ test moves forward; their monotonic clock, which timers and keepalives use, stay
 
 import json
 import os
+import shutil
 import time
 from datetime import UTC, datetime, timedelta
 
 import gevent
+from cryptography import x509
 
 from thor import roles
 from thor.loopback.network import Overlay, members
 from thor.loopback.pki import ScratchPKI
 from thor.loopback.process import wait_for
+from thor.transport.tls import TLSContexts, TLSError, connect
+from thor.x509compat import common_name
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 NODES = ("node1", "node2")
@@ -149,3 +153,101 @@ def test_a_renewed_certificate_is_taken_up_without_a_restart_and_the_member_stay
         assert absent == [], f"node1 left the network status {len(absent)} times"
     finally:
         overlay.close()
+
+
+def test_a_ca_rollover_moves_every_program_to_the_new_ca_and_no_member_leaves_the_status(tmp_path):
+    pki = ScratchPKI(tmp_path / "ca")
+    overlay = Overlay(tmp_path, pki, tls_settings=TLS_SETTINGS)
+    try:
+        overlay.start_eventservers(2)
+        overlay.manager("manager1")
+        overlay.node("node1", roles.SIP_PROXY, "127.0.0.21")
+        overlay.wait_started()
+        observer = overlay.observer()
+        observer.client.contexts.watch(TLS_SETTINGS["crl_check_interval"])
+        listed = {"es1", "es2", "manager1", "node1"}
+        wait_for(lambda: members(observer.status.status) >= listed, 20, message="everyone listed")
+        programs = [*overlay.eventservers, *overlay.programs.values()]
+        absent = []
+
+        def watch():
+            while True:
+                missing = listed - members(observer.status.status)
+                if missing:
+                    absent.append(missing)
+                gevent.sleep(0.01)
+
+        watcher = gevent.spawn(watch)
+
+        def reloaded(text):
+            wait_for(lambda: all(text in program.log() for program in programs), 20, message=f"{text!r} everywhere")
+
+        # Begin: every program trusts both CAs.
+        pki.ca.rollover_begin()
+        number = crl_number(pki)
+        reloaded(f"TLS files reloaded (2 trusted CAs, CRL number {number} ")
+        new_ca = common_name(pki.ca.trusted()[1])
+        # What playbooks/ca-rollover.yml waits on before it retires the old CA: nobody is there yet.
+        early = overlay.monitor("--once", "--issuer", new_ca, "--wait", "1", run="monitor-early")
+        assert early.exited(30) == 4, early.log()
+        assert f"node1: certificate of SIP Thor provider CA, not of {new_ca}" in early.stdout()
+        # Switch: every certificate re-issued by the new CA; each member moves its links over.
+        old_certificate = tmp_path / "node1-old.crt"
+        shutil.copyfile(pki.ca.certificate_path("node1"), old_certificate)
+        pki.ca.rollover_switch()
+        renewed = {record.name for record in pki.ca.renew(timedelta(days=1))}
+        assert renewed >= listed | {"observer"}
+        clients = [program for program in overlay.programs.values()]
+
+        def moved(program):
+            log = program.log()
+            marker = "with the renewed certificate"
+            return log.count(marker) >= 2 and "connected to" in log[log.rindex(marker) :]
+
+        wait_for(lambda: all(map(moved, clients)), 30, message="every member on its new certificate")
+        links = observer.client.links.values()
+        serial = observer.client.contexts.certificate_serial
+
+        def observer_moved():
+            return all(link.connected and link.certificate_serial == serial for link in links)
+
+        wait_for(observer_moved, 30, message="the observer on its new certificate")
+        moved_over = overlay.monitor("--once", "--issuer", new_ca, "--wait", "20", run="monitor-moved")
+        assert moved_over.exited(40) == 0, moved_over.log()
+        # Finish: the old CA retired. Every link holds certificates of the new CA on both ends.
+        pki.ca.rollover_finish()
+        reloaded(f"TLS files reloaded (1 trusted CA, CRL number {crl_number(pki)} ")
+        wait_for(
+            lambda: all(link.connected and link.server_identity.issuer == new_ca for link in links),
+            30,
+            message="the observer's links on servers certified by the new CA",
+        )
+        report = overlay.monitor("--once", "--json")
+        assert report.exited(30) == 0, report.log()
+        assert set(json.loads(report.stdout())["members"]) >= listed
+        watcher.kill()
+        assert absent == [], f"members left the network status: {absent[:5]}"
+        # A certificate of the retired CA is refused now.
+        files = dict(pki.files("node1"), certificate=str(old_certificate))
+        server = overlay.eventservers[0]
+        refusals = server.log().count("refused")
+        try:  # under TLS 1.3 the server checks the client's certificate after the client is done
+            tls_socket, _ = connect(server.endpoint, TLSContexts(**files), timeout=5)
+            tls_socket.settimeout(5)
+            try:
+                data = tls_socket.recv(1)
+            except OSError:  # the server's alert
+                data = b""
+            assert data == b"", "the server kept a connection certified by the retired CA"
+        except TLSError as error:
+            assert "TLS handshake failed" in str(error)
+        wait_for(lambda: server.log().count("refused") > refusals, 10, message="the refusal logged")
+        assert "unable to get local issuer certificate" in server.log()
+        for program in programs:
+            assert "TLS reload failed" not in program.log(), program.log()
+    finally:
+        overlay.close()
+
+
+def crl_number(pki):
+    return pki.ca.crls()[0].extensions.get_extension_for_class(x509.CRLNumber).value.crl_number

@@ -15,7 +15,9 @@ from thor.cli.pki import main as pki_main
 from thor.identity import ROLE_URI_PREFIX, Identity
 from thor.loopback.process import python_command
 from thor.pki import CertificateAuthority, PKIError
-from thor.x509compat import crl_next_update, not_valid_after
+from thor.transport.crl import CRLError, RevocationList
+from thor.transport.tls import TLSContexts
+from thor.x509compat import common_name, crl_next_update, load_pem_certificates, not_valid_after, pem_blocks
 
 # The checkout (its etc/ and tests/programs/).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +111,7 @@ def test_duplicate_name_needs_replace(pki):
     second = pki.ca.issue("node1", "sip_proxy,xcap_server", replace=True)
     statuses = {r.serial: r.status() for r in pki.ca.records()}
     assert statuses == {first.serial: "revoked", second.serial: "valid"}
-    assert [entry.serial_number for entry in pki.ca.crl()] == [first.serial]
+    assert [entry.serial_number for entry in pki.ca.crls()[0]] == [first.serial]
 
 
 @pytest.mark.parametrize(
@@ -208,7 +210,7 @@ def test_cli_reads_pki_section_and_reports_errors_in_one_line(tmp_path):
     assert duplicate.returncode == 1
     assert duplicate.stderr.startswith("thor-pki: error: a certificate for conf1 exists already")
     assert duplicate.stderr.count("\n") == 1
-    crl = CertificateAuthority(tmp_path / "ca").crl()
+    crl = CertificateAuthority(tmp_path / "ca").crls()[0]
     assert crl_next_update(crl) - datetime.now(UTC) <= timedelta(days=3)
 
     config.write_text("[PKI]\ncrl_days = soon\n")
@@ -362,3 +364,116 @@ def test_renew_stops_where_the_ca_expires(tmp_path):
     record = ca.issue("node1", "sip_proxy", now=start)  # 730 days asked, 100 given: the CA's end
     assert record.not_after == not_valid_after(load_certificate(ca.ca_certificate_path))
     assert ca.renew(timedelta(days=30), now=start + timedelta(days=80)) == []
+
+
+def issuers(path):
+    """The common names of the CAs in a CA file, or of the issuers of the CRLs in a CRL file."""
+    with open(path, "rb") as stream:
+        data = stream.read()
+    blocks = pem_blocks(data, "CERTIFICATE")
+    if blocks:
+        return [common_name(load_pem_certificates(block)[0]) for block in blocks]
+    return [
+        x509.load_pem_x509_crl(block).issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        for block in pem_blocks(data, "X509 CRL")
+    ]
+
+
+def test_a_ca_rollover_trusts_the_new_ca_then_signs_with_it_then_retires_the_old_one(tmp_path):
+    start = datetime(2026, 12, 3, tzinfo=UTC)
+    ca = CertificateAuthority.init(tmp_path / "ca", now=start)
+    key, request = make_request("node1")
+    first, _ = ca.sign("node1", request, "sip_proxy", address="10.0.0.5", now=start)
+    ca.issue("es1", "thor_eventserver", now=start)
+    ca.issue("gone", "sip_proxy", now=start)
+    ca.revoke("gone", now=start)
+    assert ca.rollover_state() == "none"
+
+    # Begin: both CAs trusted, a CRL of each with one number; the old CA still signs.
+    ca.rollover_begin(now=start)
+    new_name = "SIP Thor provider CA 2026-12-03"
+    assert issuers(ca.ca_certificate_path) == ["SIP Thor provider CA", new_name]
+    assert sorted(issuers(ca.crl_path)) == sorted(["SIP Thor provider CA", new_name])
+    assert len({crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number for crl in ca.crls()}) == 1
+    unchanged, issued = ca.sign("node1", request, "sip_proxy", address="10.0.0.5", now=start)
+    assert (unchanged.serial, issued) == (first.serial, False)
+    assert ca.renew(timedelta(days=30), now=start) == []
+    TLSContexts(ca.ca_certificate_path, ca.certificate_path("es1"), ca.key_path("es1"), ca.crl_path)
+    with pytest.raises(PKIError, match="a rollover has begun"):
+        ca.rollover_begin(now=start)
+
+    # Switch: the new CA signs; renew() re-issues every current certificate for its key.
+    ca.rollover_switch(now=start)
+    assert ca.rollover_state() == "switched"
+    assert issuers(ca.ca_certificate_path) == [new_name, "SIP Thor provider CA"]
+    with pytest.raises(PKIError, match="the old CA issued the current certificates of es1, node1"):
+        ca.rollover_finish(now=start)
+    renewed = {record.name: record for record in ca.renew(timedelta(days=30), now=start)}
+    assert set(renewed) == {"es1", "node1"}
+    certificate = load_certificate(ca.certificate_path("node1"))
+    assert common_name_of_issuer(certificate) == new_name
+    assert public_der(certificate.public_key()) == public_der(key.public_key())
+    assert ca.sign("node1", request, "sip_proxy", address="10.0.0.5", now=start)[1] is False
+    # A revocation now reaches the CRL of the CA that issued each certificate.
+    ca.revoke("node1", now=start)
+    revoked = {
+        crl.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value: {entry.serial_number for entry in crl}
+        for crl in ca.crls()
+    }
+    gone = next(record.serial for record in ca.records() if record.name == "gone")
+    assert revoked == {"SIP Thor provider CA": {gone, first.serial}, new_name: {renewed["node1"].serial}}
+
+    # Finish: the new CA alone, the old key deleted, its certificate kept.
+    old = ca.rollover_finish(now=start)
+    assert ca.rollover_state() == "none"
+    assert issuers(ca.ca_certificate_path) == issuers(ca.crl_path) == [new_name]
+    assert not os.path.exists(tmp_path / "ca" / "ca-previous.key")
+    assert load_certificate(tmp_path / "ca" / "retired" / f"{old.serial_number:x}.crt") == old
+    assert mode(tmp_path / "ca" / "ca.key") == 0o600
+    with pytest.raises(PKIError, match="no rollover is under way"):
+        ca.rollover_switch(now=start)
+    # The next rollover names its CA after the first, with its own date.
+    later = start + timedelta(days=400)
+    assert common_name(ca.rollover_begin(now=later)) == "SIP Thor provider CA 2028-01-07"
+
+
+def common_name_of_issuer(certificate):
+    return certificate.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def test_cli_rollover_says_what_to_do_next(tmp_path, capsys):
+    directory = str(tmp_path / "ca")
+    assert pki_main(["--dir", directory, "init"]) == 0
+    assert pki_main(["--dir", directory, "issue", "node1", "--roles", "sip_proxy"]) == 0
+    capsys.readouterr()
+    assert pki_main(["--dir", directory, "rollover", "status"]) == 0
+    assert capsys.readouterr().out.endswith("no CA rollover under way\n")
+    assert pki_main(["--dir", directory, "rollover", "begin", "--name", "Provider CA 2"]) == 0
+    out = capsys.readouterr().out
+    assert "new CA CN=Provider CA 2 made" in out and "then 'thor-pki rollover switch'" in out
+    assert pki_main(["--dir", directory, "rollover", "finish"]) == 1
+    assert "cannot finish: a rollover has begun" in capsys.readouterr().err
+    assert pki_main(["--dir", directory, "rollover", "switch"]) == 0
+    assert "then 'thor-pki rollover finish'" in capsys.readouterr().out
+    assert pki_main(["--dir", directory, "rollover", "finish"]) == 1
+    assert "the old CA issued the current certificates of node1" in capsys.readouterr().err
+    assert pki_main(["--dir", directory, "renew"]) == 0
+    assert capsys.readouterr().out.startswith("renewed node1 ")
+    assert pki_main(["--dir", directory, "rollover", "finish"]) == 0
+    assert "CN=SIP Thor provider CA retired" in capsys.readouterr().out
+
+
+def test_a_crl_file_must_cover_every_trusted_ca_and_may_carry_others(tmp_path):
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    alone = (tmp_path / "ca" / "crl.pem").read_bytes()
+    old_ca = load_certificate(ca.ca_certificate_path)
+    new_ca = ca.rollover_begin()
+    both = (tmp_path / "ca" / "crl.pem").read_bytes()
+    with pytest.raises(CRLError, match="holds no CRL of the trusted CA CN=SIP Thor provider CA "):
+        RevocationList(alone, [old_ca, new_ca])
+    # Trusting the old CA only (a host not rolled out yet), the new CA's CRL is left aside.
+    assert RevocationList(both, [old_ca]).supersedes(RevocationList(alone, [old_ca]))
+    with pytest.raises(CRLError, match="holds 5 CRLs, more than 4"):
+        RevocationList(both * 2 + alone, [old_ca])
+    with pytest.raises(CRLError, match="holds two CRLs of"):
+        RevocationList(both + alone, [old_ca, new_ca])

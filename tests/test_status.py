@@ -195,9 +195,19 @@ def add_members(view, count):
         view.connected("es-test", {"connection": index, "name": presence["name"], "sessions": ["s1"]})
 
 
-def test_a_status_too_large_for_one_frame_reaches_every_follower_in_parts(bus):
+@pytest.fixture
+def roomy_bus():
+    """A bus whose keepalives outlast the seconds one process takes to build and parse statuses of
+    thousands of members (with the bus's 0.1 s, every link timed out meanwhile now and then)."""
+    memory_bus = MemoryBus(servers=2, keepalive=1.0, idle_timeout=5.0)
+    yield memory_bus
+    memory_bus.close()
+
+
+def test_a_status_too_large_for_one_frame_reaches_every_follower_in_parts(roomy_bus):
     """5,000 members: the whole status is about 1.4 MB, over the 1 MiB frame limit (the first
     design could not publish it and froze). Here it goes out as a snapshot in parts."""
+    bus = roomy_bus
     manager_member, manager = start_manager(bus, "manager1")
     follower = Recorder(bus)
     follower.wait(lambda s: s.manager == "manager1", "manager1 active")
@@ -242,7 +252,7 @@ def test_a_publication_that_fails_is_reported_and_tried_again_never_counted_as_p
 
 
 def test_a_status_the_servers_refuse_to_keep_is_an_error_the_manager_reports_and_retries(caplog):
-    small = MemoryBus(servers=1, max_log_bytes=1 << 20)
+    small = MemoryBus(servers=1, max_log_bytes=1 << 20, keepalive=1.0, idle_timeout=5.0)  # roomy_bus: why
     try:
         manager_member, manager = start_manager(small, "manager1")
         follower = Recorder(small)

@@ -44,30 +44,28 @@ def roles_from_uris(uris):
 class Identity:
     """A certificate's holder. address: the peer's (host, port) on a connection, None for one's own."""
 
-    __slots__ = ("address", "addresses", "name", "not_after", "roles", "serial")
+    __slots__ = ("address", "addresses", "issuer", "name", "not_after", "roles", "serial")
 
-    def __init__(self, name, roles, serial, address=None, addresses=(), not_after=None):
+    def __init__(self, name, roles, serial, address=None, addresses=(), not_after=None, issuer=None):
         self.name = name
         self.roles = frozenset(roles)
         self.serial = serial
         self.address = address
         self.addresses = tuple(addresses)  # the certificate's IP addresses, as text
         self.not_after = not_after  # when the certificate expires (seconds since the epoch), when known
+        self.issuer = issuer  # the common name of the CA that signed it, when known
 
     @classmethod
     def from_peer_certificate(cls, certificate, address):
         """From ssl.SSLSocket.getpeercert(): the verified peer at address."""
-        name = None
-        for rdn in certificate.get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName":
-                    name = value
+        name = _common_name(certificate.get("subject", ()))
         alt_names = certificate.get("subjectAltName", ())
         uris = [value for kind, value in alt_names if kind == "URI"]
         addresses = [_address_text(value) for kind, value in alt_names if kind == "IP Address"]
         serial = int(certificate["serialNumber"], 16)
         not_after = ssl.cert_time_to_seconds(certificate["notAfter"]) if "notAfter" in certificate else None
-        return cls(name, roles_from_uris(uris), serial, address, addresses, not_after)
+        issuer = _common_name(certificate.get("issuer", ()))
+        return cls(name, roles_from_uris(uris), serial, address, addresses, not_after, issuer)
 
     @classmethod
     def from_certificate(cls, certificate):
@@ -81,7 +79,9 @@ class Identity:
             uris, addresses = [], []
         name = names[0].value if names else None
         not_after = not_valid_after(certificate).timestamp()
-        return cls(name, roles_from_uris(uris), certificate.serial_number, None, addresses, not_after)
+        issuers = certificate.issuer.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        issuer = issuers[0].value if issuers else None
+        return cls(name, roles_from_uris(uris), certificate.serial_number, None, addresses, not_after, issuer)
 
     @classmethod
     def load(cls, path):
@@ -109,6 +109,16 @@ class Identity:
             return str(self.name)
         host, port = self.address[0], self.address[1]
         return f"{self.name} ([{host}]:{port})" if ":" in host else f"{self.name} ({host}:{port})"
+
+
+def _common_name(rdns):
+    """The commonName of a name as ssl.getpeercert() gives it (a tuple of RDNs), or None."""
+    name = None
+    for rdn in rdns:
+        for key, value in rdn:
+            if key == "commonName":
+                name = value
+    return name
 
 
 def _address_text(value):

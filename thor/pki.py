@@ -2,8 +2,14 @@
 
 State lives in one directory, owned by the operator (mode 0700):
 
-    ca.crt  ca.key          the provider CA (key mode 0600)
-    crl.pem                 the current certificate revocation list
+    ca.crt  ca.key          the provider CA (key mode 0600); ca.crt is what every node
+                            trusts: the CA that signs first, and during a CA rollover
+                            the other one after it
+    ca-next.crt/.key        a rollover begun: the new CA, trusted but not signing yet
+    ca-previous.crt/.key    a rollover switched: the old CA, trusted until it is retired
+    retired/                the certificates of retired CAs (their keys are deleted)
+    crl.pem                 the current certificate revocation list: one CRL of each
+                            CA in ca.crt, issued together with the same number
     index.json              every certificate ever issued, and the CRL number
     nodes/NAME.crt          the current certificate of each node
     nodes/NAME.key          its key, only when 'thor-pki issue' made it (mode 0600);
@@ -37,7 +43,14 @@ from thor.datatypes import Integer, NameList, Path
 from thor.files import write_atomic
 from thor.identity import role_uri
 from thor.roles import RoleError, parse_roles
-from thor.x509compat import crl_last_update, crl_next_update, not_valid_after
+from thor.x509compat import (
+    common_name,
+    crl_last_update,
+    crl_next_update,
+    load_pem_certificates,
+    not_valid_after,
+    pem_blocks,
+)
 
 __all__ = [
     "REVOCATION_REASONS",
@@ -58,6 +71,11 @@ REVOCATION_REASONS = {
     "superseded": x509.ReasonFlags.superseded,
     "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
 }
+
+# The files of a CA rollover (see the module documentation).
+NEXT_CA, PREVIOUS_CA = "ca-next", "ca-previous"
+# A rolled-over CA is named after the first, with its creation date: "SIP Thor provider CA 2026-12-03".
+_BASE_NAME = re.compile(r" \d{4}-\d{2}-\d{2}\Z")
 
 _NODE_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\Z")
 
@@ -104,9 +122,11 @@ def check_node_name(name):
 class CertificateRecord:
     """One line of the index: a certificate the CA issued."""
 
-    __slots__ = ("address", "name", "not_after", "not_before", "reason", "revoked", "roles", "serial")
+    __slots__ = ("address", "issuer", "name", "not_after", "not_before", "reason", "revoked", "roles", "serial")
 
-    def __init__(self, name, serial, roles, address, not_before, not_after, revoked=None, reason=None):
+    def __init__(self, name, serial, roles, address, not_before, not_after, revoked=None, reason=None, issuer=None):
+        """issuer: the key identifier (hex) of the CA that signed it; None in indexes older than
+        CA rollovers, which had one CA."""
         self.name = name
         self.serial = serial
         self.roles = tuple(roles)
@@ -115,6 +135,7 @@ class CertificateRecord:
         self.not_after = not_after
         self.revoked = revoked
         self.reason = reason
+        self.issuer = issuer
 
     def status(self, now=None):
         now = now or datetime.now(UTC)
@@ -136,6 +157,7 @@ class CertificateRecord:
             "not_after": self.not_after.isoformat(),
             "revoked": self.revoked.isoformat() if self.revoked else None,
             "reason": self.reason,
+            "issuer": self.issuer,
         }
 
     @classmethod
@@ -149,6 +171,7 @@ class CertificateRecord:
             not_after=datetime.fromisoformat(data["not_after"]),
             revoked=datetime.fromisoformat(data["revoked"]) if data["revoked"] else None,
             reason=data.get("reason"),
+            issuer=data.get("issuer"),
         )
 
 
@@ -190,24 +213,9 @@ class CertificateAuthority:
             if os.path.exists(os.path.join(directory, "ca.crt")):
                 raise PKIError(f"{directory}: a CA exists already; refusing to overwrite it")
             os.makedirs(os.path.join(directory, "nodes"), mode=0o700, exist_ok=True)
-            key = ec.generate_private_key(ec.SECP256R1())
-            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-            public_key = key.public_key()
-            certificate = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(subject)
-                .public_key(public_key)
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - CLOCK_SKEW)
-                .not_valid_after(now + timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(_key_usage(certificate_authority=True), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-                .sign(key, hashes.SHA256())
-            )
+            certificate, key = _make_ca(common_name, days, now)
             _write_private(os.path.join(directory, "ca.key"), _key_pem(key))
-            _write_public(os.path.join(directory, "ca.crt"), certificate.public_bytes(serialization.Encoding.PEM))
+            _write_public(os.path.join(directory, "ca.crt"), _certificates_pem([certificate]))
             _write_public(os.path.join(directory, "index.json"), _index_bytes({"crl_number": 0, "certificates": []}))
         ca = cls(directory)
         ca.renew_crl(days=crl_days, now=now)
@@ -215,11 +223,15 @@ class CertificateAuthority:
 
     # -- reading ------------------------------------------------------------
 
+    def trusted(self):
+        """The CA certificates every node trusts (ca.crt): the signing CA first."""
+        with open(self.ca_certificate_path, "rb") as stream:
+            return load_pem_certificates(stream.read())
+
     def _load_ca(self, now):
-        with open(self.path("ca.crt"), "rb") as stream:
-            certificate = x509.load_pem_x509_certificate(stream.read())
-        with open(self.path("ca.key"), "rb") as stream:
-            key = serialization.load_pem_private_key(stream.read(), password=None)
+        """(certificate, key) of the CA that signs."""
+        certificate = self.trusted()[0]
+        key = _load_key(self.path("ca.key"), certificate)
         expiry = not_valid_after(certificate)
         if expiry <= now:
             raise PKIError(
@@ -227,6 +239,28 @@ class CertificateAuthority:
                 "create a new CA (thor-pki init in a new directory) and re-issue every node certificate"
             )
         return certificate, key
+
+    def _authorities(self, now):
+        """[(certificate, key)] of every trusted CA, the signing one first: each signs its CRL."""
+        signing = self._load_ca(now)
+        others = []
+        for certificate in self.trusted()[1:]:
+            for state in (NEXT_CA, PREVIOUS_CA):
+                if _read_certificate(self.path(f"{state}.crt")) == certificate:
+                    others.append((certificate, _load_key(self.path(f"{state}.key"), certificate)))
+                    break
+            else:
+                raise PKIError(f"{self.ca_certificate_path} trusts {_common_name(certificate)}, whose key is not here")
+        return [signing, *others]
+
+    def rollover_state(self):
+        """Where a CA rollover stands: none, begun (a new CA is trusted, not signing yet) or
+        switched (the old one is trusted, no longer signing); see rollover_begin()."""
+        if os.path.exists(self.path(f"{NEXT_CA}.crt")):
+            return "begun"
+        if os.path.exists(self.path(f"{PREVIOUS_CA}.crt")):
+            return "switched"
+        return "none"
 
     def _read_index(self):
         with open(self.path("index.json"), encoding="utf-8") as stream:
@@ -241,12 +275,13 @@ class CertificateAuthority:
         with _locked(self.directory):
             return self._read_index()[1]
 
-    def crl(self):
+    def crls(self):
+        """The CRLs in crl.pem: one of each trusted CA."""
         with open(self.crl_path, "rb") as stream:
-            return x509.load_pem_x509_crl(stream.read())
+            return [x509.load_pem_x509_crl(block) for block in pem_blocks(stream.read(), "X509 CRL")]
 
     def crl_expiry(self):
-        return crl_next_update(self.crl())
+        return min(crl_next_update(crl) for crl in self.crls())
 
     # -- node certificates --------------------------------------------------
 
@@ -276,7 +311,8 @@ class CertificateAuthority:
         if current is not None:
             record, certificate = current
             if (
-                _key_id(certificate.public_key()) == _key_id(public_key)
+                _key_identifier(certificate, x509.AuthorityKeyIdentifier) == self._signing_key_id()
+                and _key_id(certificate.public_key()) == _key_id(public_key)
                 and set(record.roles) == set(self._parse_roles(roles))
                 and record.address == self._parse_address(address)
             ):
@@ -287,22 +323,26 @@ class CertificateAuthority:
         return record, True
 
     def renew(self, within, days=730, now=None):
-        """Re-issue every current certificate that expires within `within` (a timedelta), for
-        the same key, roles and address; returns the new records. The old certificate is not
-        revoked: it stays valid until it expires, so the programs holding it go on while
-        they take up the new one."""
+        """Re-issue every current certificate that expires within `within` (a timedelta), or
+        that a CA other than the signing one issued (a CA rollover switched), for the same key,
+        roles and address; returns the new records. The old certificate is not revoked: it
+        stays valid until it expires, so the programs holding it go on while they take up
+        the new one."""
         now = now or datetime.now(UTC)
-        with open(self.ca_certificate_path, "rb") as stream:
-            ca_expiry = not_valid_after(x509.load_pem_x509_certificate(stream.read()))
+        ca_expiry = not_valid_after(self.trusted()[0])
+        signing = self._signing_key_id()
         renewed = []
         records = self.records()  # read once: a network's every certificate
         for name in sorted({record.name for record in records}):
             current = self._current_certificate(name, records, now)
-            if current is None or current[0].not_after - now > within:
+            if current is None:
                 continue
-            if min(now + timedelta(days=days), ca_expiry) <= current[0].not_after:
-                continue  # bounded by the CA's own expiry: only a CA rollover helps
             record, certificate = current
+            if _key_identifier(certificate, x509.AuthorityKeyIdentifier) == signing:
+                if record.not_after - now > within:
+                    continue
+                if min(now + timedelta(days=days), ca_expiry) <= record.not_after:
+                    continue  # bounded by the CA's own expiry: only a CA rollover helps
             renewed.append(
                 self._certify(name, certificate.public_key(), record.roles, record.address, days, "renew", None, now)
             )
@@ -320,6 +360,9 @@ class CertificateAuthority:
             if record.serial == certificate.serial_number:
                 return record, certificate
         return None
+
+    def _signing_key_id(self):
+        return _key_identifier(self.trusted()[0], x509.SubjectKeyIdentifier)
 
     def _parse_roles(self, roles):
         if not isinstance(roles, str):
@@ -380,14 +423,15 @@ class CertificateAuthority:
                 .add_extension(_authority_key_identifier(ca_certificate), critical=False)
                 .sign(ca_key, hashes.SHA256())
             )
-            record = CertificateRecord(name, certificate.serial_number, roles, address, start, end)
+            issuer = _key_identifier(ca_certificate, x509.SubjectKeyIdentifier)
+            record = CertificateRecord(name, certificate.serial_number, roles, address, start, end, issuer=issuer)
             _write_public(self.certificate_path(name), certificate.public_bytes(serialization.Encoding.PEM))
             records.append(record)
             if current and replace is True:
                 for old in current:
                     old.revoked, old.reason = now, "superseded"
                 crl_number += 1
-                self._write_crl(ca_certificate, ca_key, records, crl_number, self._crl_days(), now)
+                self._write_crl(self._authorities(now), records, crl_number, self._crl_days(), now)
             self._write_index(crl_number, records)
         return record
 
@@ -397,7 +441,7 @@ class CertificateAuthority:
         if reason not in REVOCATION_REASONS:
             raise PKIError(f"unknown revocation reason {reason!r}; expected one of {', '.join(REVOCATION_REASONS)}")
         with _locked(self.directory):
-            ca_certificate, ca_key = self._load_ca(now)
+            authorities = self._authorities(now)
             crl_number, records = self._read_index()
             targets = [r for r in records if r.name == name and not r.revoked and r.not_after > now]
             if not targets:
@@ -407,7 +451,7 @@ class CertificateAuthority:
                 )
             for record in targets:
                 record.revoked, record.reason = now, reason
-            self._write_crl(ca_certificate, ca_key, records, crl_number + 1, self._crl_days(), now)
+            self._write_crl(authorities, records, crl_number + 1, self._crl_days(), now)
             self._write_index(crl_number + 1, records)
         return targets
 
@@ -415,42 +459,186 @@ class CertificateAuthority:
         """Re-issue the CRL, valid for days; returns its next-update time."""
         now = now or datetime.now(UTC)
         with _locked(self.directory):
-            ca_certificate, ca_key = self._load_ca(now)
+            authorities = self._authorities(now)
             crl_number, records = self._read_index()
-            self._write_crl(ca_certificate, ca_key, records, crl_number + 1, days, now)
+            self._write_crl(authorities, records, crl_number + 1, days, now)
             self._write_index(crl_number + 1, records)
         return now + timedelta(days=days)
+
+    # -- CA rollover --------------------------------------------------------
+    # Three steps, each followed by a rollout (docs/pki.md): begin (every node trusts the new CA
+    # too), switch (the new CA signs; renew() re-issues every certificate), finish (every node
+    # trusts the new CA only). Nodes never see a certificate from a CA they do not trust yet.
+
+    def rollover_begin(self, common_name=None, days=3650, now=None):
+        """Make a new CA, trusted beside the current one (ca.crt holds both, crl.pem a CRL of
+        each) but not signing yet; returns its certificate."""
+        now = now or datetime.now(UTC)
+        with _locked(self.directory):
+            self._check_rollover("none", "begin")
+            signing, _ = self._load_ca(now)
+            common_name = common_name or f"{_BASE_NAME.sub('', _common_name(signing))} {now:%Y-%m-%d}"
+            if any(_common_name(ca) == common_name for ca in self.trusted()):
+                raise PKIError(f"a trusted CA is named {common_name!r} already; choose another name (--name)")
+            certificate, key = _make_ca(common_name, days, now)
+            _write_private(self.path(f"{NEXT_CA}.key"), _key_pem(key))
+            _write_public(self.path(f"{NEXT_CA}.crt"), _certificates_pem([certificate]))
+            crl_number, records = self._read_index()
+            for record in records:  # from now on each CRL lists its own CA's certificates only
+                record.issuer = record.issuer or _key_identifier(signing, x509.SubjectKeyIdentifier)
+            # The CRLs first: a program that reloads between the two files finds a CRL of each CA it trusts.
+            authorities = [*self._authorities(now), (certificate, key)]
+            self._write_crl(authorities, records, crl_number + 1, self._crl_days(), now)
+            self._write_index(crl_number + 1, records)
+            _write_public(self.ca_certificate_path, _certificates_pem([ca for ca, _ in authorities]))
+        return certificate
+
+    def rollover_switch(self, now=None):
+        """The new CA signs from now on; the old one stays trusted. Run renew() next: it
+        re-issues every certificate, for the same keys."""
+        now = now or datetime.now(UTC)
+        with _locked(self.directory):
+            self._check_rollover("begun", "switch")
+            old, old_key = self._load_ca(now)
+            new = _read_certificate(self.path(f"{NEXT_CA}.crt"))
+            new_key = _load_key(self.path(f"{NEXT_CA}.key"), new)
+            _write_private(self.path(f"{PREVIOUS_CA}.key"), _key_pem(old_key))
+            _write_public(self.path(f"{PREVIOUS_CA}.crt"), _certificates_pem([old]))
+            # ca.key and ca.crt change together; the lock keeps every other thor-pki out meanwhile.
+            _write_private(self.path("ca.key"), _key_pem(new_key))
+            _write_public(self.ca_certificate_path, _certificates_pem([new, old]))
+            os.unlink(self.path(f"{NEXT_CA}.key"))
+            os.unlink(self.path(f"{NEXT_CA}.crt"))
+        return new
+
+    def rollover_finish(self, now=None):
+        """Retire the old CA: ca.crt and crl.pem hold the new one only, the old key is deleted
+        (its certificate kept in retired/). Refused while a current certificate is the old CA's."""
+        now = now or datetime.now(UTC)
+        with _locked(self.directory):
+            self._check_rollover("switched", "finish")
+            crl_number, records = self._read_index()
+            signing_id = self._signing_key_id()
+            behind = [
+                name
+                for name in sorted({record.name for record in records})
+                if (current := self._current_certificate(name, records, now)) is not None
+                and _key_identifier(current[1], x509.AuthorityKeyIdentifier) != signing_id
+            ]
+            if behind:
+                raise PKIError(
+                    f"the old CA issued the current certificates of {', '.join(behind)}: "
+                    "run 'thor-pki renew' and install them first"
+                )
+            signing = self._load_ca(now)
+            old = _read_certificate(self.path(f"{PREVIOUS_CA}.crt"))
+            # The CA file first: a program that reloads between the two files trusts no CA it lacks a CRL of.
+            _write_public(self.ca_certificate_path, _certificates_pem([signing[0]]))
+            self._write_crl([signing], records, crl_number + 1, self._crl_days(), now)
+            self._write_index(crl_number + 1, records)
+            os.makedirs(self.path("retired"), mode=0o700, exist_ok=True)
+            _write_public(self.path("retired", f"{old.serial_number:x}.crt"), _certificates_pem([old]))
+            os.unlink(self.path(f"{PREVIOUS_CA}.key"))
+            os.unlink(self.path(f"{PREVIOUS_CA}.crt"))
+        return old
+
+    def _check_rollover(self, expected, step):
+        state = self.rollover_state()
+        if state != expected:
+            after = {"none": "no rollover is under way", "begun": "a rollover has begun", "switched": "it has switched"}
+            raise PKIError(f"cannot {step}: {after[state]} (thor-pki rollover status)")
 
     def _crl_days(self):
         """Keep the validity period the CRL was last issued with."""
         try:
-            crl = self.crl()
-        except FileNotFoundError:
+            crl = self.crls()[0]
+        except (FileNotFoundError, IndexError):
             return 30
         days = (crl_next_update(crl) - crl_last_update(crl)).days
         return max(days, 1)
 
-    def _write_crl(self, ca_certificate, ca_key, records, number, days, now):
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(ca_certificate.subject)
-            .last_update(now)
-            .next_update(now + timedelta(days=days))
-            .add_extension(x509.CRLNumber(number), critical=False)
-            .add_extension(_authority_key_identifier(ca_certificate), critical=False)
-        )
-        for record in records:
-            if record.revoked and record.not_after > now - timedelta(days=1):
-                revoked = (
-                    x509.RevokedCertificateBuilder()
-                    .serial_number(record.serial)
-                    .revocation_date(record.revoked)
-                    .add_extension(x509.CRLReason(REVOCATION_REASONS[record.reason]), critical=False)
-                    .build()
-                )
-                builder = builder.add_revoked_certificate(revoked)
-        crl = builder.sign(ca_key, hashes.SHA256())
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+    def _write_crl(self, authorities, records, number, days, now):
+        """crl.pem: a CRL of each of authorities ([(certificate, key)]), with the same number."""
+        pem = b""
+        for ca_certificate, ca_key in authorities:
+            issuer = _key_identifier(ca_certificate, x509.SubjectKeyIdentifier)
+            builder = (
+                x509.CertificateRevocationListBuilder()
+                .issuer_name(ca_certificate.subject)
+                .last_update(now)
+                .next_update(now + timedelta(days=days))
+                .add_extension(x509.CRLNumber(number), critical=False)
+                .add_extension(_authority_key_identifier(ca_certificate), critical=False)
+            )
+            for record in records:
+                # issuer None: an index from before rollovers, of one CA; listing those everywhere is harmless.
+                mine = record.issuer in (None, issuer)
+                if mine and record.revoked and record.not_after > now - timedelta(days=1):
+                    revoked = (
+                        x509.RevokedCertificateBuilder()
+                        .serial_number(record.serial)
+                        .revocation_date(record.revoked)
+                        .add_extension(x509.CRLReason(REVOCATION_REASONS[record.reason]), critical=False)
+                        .build()
+                    )
+                    builder = builder.add_revoked_certificate(revoked)
+            pem += builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        _write_public(self.crl_path, pem)
+
+
+def _make_ca(common_name, days, now):
+    """A new self-signed CA: (certificate, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    public_key = key.public_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(certificate_authority=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate, key
+
+
+def _load_key(path, certificate):
+    """The private key in path, which must be certificate's."""
+    with open(path, "rb") as stream:
+        key = serialization.load_pem_private_key(stream.read(), password=None)
+    if _key_id(key.public_key()) != _key_id(certificate.public_key()):
+        raise PKIError(f"{path} is not the key of {_common_name(certificate)}")
+    return key
+
+
+def _read_certificate(path):
+    """The (first) certificate in path; None when there is no such file."""
+    try:
+        with open(path, "rb") as stream:
+            return load_pem_certificates(stream.read())[0]
+    except FileNotFoundError:
+        return None
+
+
+def _common_name(certificate):
+    return common_name(certificate) or certificate.subject.rfc4514_string()
+
+
+def _key_identifier(certificate, extension):
+    """The hex key identifier of a certificate's SubjectKeyIdentifier or AuthorityKeyIdentifier, or None."""
+    try:
+        return certificate.extensions.get_extension_for_class(extension).value.key_identifier.hex()
+    except (x509.ExtensionNotFound, AttributeError):
+        return None
+
+
+def _certificates_pem(certificates):
+    return b"".join(certificate.public_bytes(serialization.Encoding.PEM) for certificate in certificates)
 
 
 def _key_usage(certificate_authority):

@@ -15,6 +15,7 @@ from thor.events import topics
 from thor.events.client import EventClient
 from thor.pki import REVOCATION_REASONS, CertificateAuthority, PKIConfig, PKIError
 from thor.transport.tls import TLSContexts, TLSError
+from thor.x509compat import common_name, not_valid_after
 
 EX_USAGE = 2
 EX_FAILURE = 1
@@ -78,6 +79,17 @@ def build_parser():
         "--servers", metavar="HOST:PORT,...", help="event servers (default: [ThorNetwork] of the configuration)"
     )
     publish.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the servers (30)")
+
+    rollover = commands.add_parser(
+        "rollover",
+        help="replace the CA in three steps, each followed by a rollout (docs/pki.md)",
+        description="begin: a new CA, trusted beside the current one; switch: the new CA signs "
+        "(then 'renew' re-issues every certificate); finish: the old CA is retired. "
+        "Install ca.crt, crl.pem and the certificates on every host after each step.",
+    )
+    rollover.add_argument("step", choices=("status", "begin", "switch", "finish"))
+    rollover.add_argument("--name", help="begin: the new CA's common name (default: today's date added)")
+    rollover.add_argument("--days", type=int, help="begin: the new CA's validity in days (default: [PKI] ca_days)")
 
     listing = commands.add_parser("list", help="list issued certificates")
     listing.add_argument("--json", action="store_true", help="machine readable output")
@@ -253,6 +265,36 @@ def command_list(options, config, directory):
     return 0
 
 
+ROLLOUT = "install ca.crt and crl.pem on every host (ansible-playbook playbooks/renew.yml)"
+NEXT_STEP = {
+    "none": "no CA rollover under way",
+    "begun": f"rollover begun: {ROLLOUT}, then 'thor-pki rollover switch'",
+    "switched": f"rollover switched: 'thor-pki renew', {ROLLOUT} with the new certificates, "
+    "then 'thor-pki rollover finish'",
+}
+
+
+def command_rollover(options, config, directory):
+    ca = _open(config, directory)
+    if options.step == "begin":
+        new = ca.rollover_begin(common_name=options.name, days=options.days or config.ca_days)
+        print(f"new CA {new.subject.rfc4514_string()} made, trusted beside the current one; it does not sign yet")
+    elif options.step == "switch":
+        new = ca.rollover_switch()
+        print(f"{new.subject.rfc4514_string()} signs from now on; the old CA stays trusted")
+    elif options.step == "finish":
+        old = ca.rollover_finish()
+        print(f"{old.subject.rfc4514_string()} retired: no longer trusted, its key deleted")
+        print(f"install ca.crt and crl.pem on every host: {ROLLOUT}")
+        return 0
+    for number, certificate in enumerate(ca.trusted()):
+        role = "signs" if number == 0 else "trusted"
+        expiry = not_valid_after(certificate)
+        print(f"  {role:<8} {common_name(certificate)} (valid until {expiry:%Y-%m-%d %H:%M} UTC)")
+    print(NEXT_STEP[ca.rollover_state()])
+    return 0
+
+
 COMMANDS = {
     "init": command_init,
     "issue": command_issue,
@@ -261,6 +303,7 @@ COMMANDS = {
     "revoke": command_revoke,
     "crl": command_crl,
     "publish-crl": command_publish_crl,
+    "rollover": command_rollover,
     "list": command_list,
 }
 

@@ -119,6 +119,7 @@ class ServerLink:
         self.connected = False
         self.keepalive = None
         self.server_serial = None
+        self.server_identity = None  # its certificate's Identity, as of the last handshake
         self.server_certificate_expires = None  # seconds since the epoch
         self.reconnecting = False  # reconnect() dropped the connection; cleared once back
         self.certificate_serial = None  # of our certificate the connection was made with
@@ -206,6 +207,7 @@ class ServerLink:
         )
         self.server_name = identity.name
         self.server_serial = identity.serial
+        self.server_identity = identity
         self.certificate_serial = serial
         self.server_certificate_expires = identity.not_after
         self._writer = QueuedWriter(tls_socket, self.client.send_queue_limit)
@@ -485,10 +487,14 @@ class EventClient:
                 link.disconnect()
 
     def _move_to_renewed_certificate(self, contexts):
-        """This program's certificate was renewed: reconnect to the event servers one at a time, so
-        that every server sees (and thor-monitor reports) the new certificate before the old one
-        expires, and the member stays in the network status through its other links."""
-        if contexts.certificate_serial == self._certificate_serial:
+        """This program's certificate was renewed, or the CA of a server's retired (a CA rollover
+        finished): reconnect to the event servers one at a time, so that every server sees (and
+        thor-monitor reports) the new certificate before the old one expires, every link is
+        checked against the CAs trusted now, and the member stays in the network status through
+        its other links."""
+        if contexts.certificate_serial == self._certificate_serial and not any(
+            map(self._untrusted, self.links.values())
+        ):
             return
         self._certificate_serial = contexts.certificate_serial
         if self._renewing is None or self._renewing.dead:
@@ -503,12 +509,17 @@ class EventClient:
         for _ in range(2 * len(self.links) + 2):
             serial = self.contexts.certificate_serial
             stale = [
-                link for _, link in sorted(self.links.items()) if link.connected and link.certificate_serial != serial
+                link
+                for _, link in sorted(self.links.items())
+                if link.connected and (link.certificate_serial != serial or self._untrusted(link))
             ]
             if not stale:
                 return
             link = stale[0]
-            log.info("reconnecting to %s with the renewed certificate (serial %x)", link, serial)
+            if self._untrusted(link):
+                log.info("reconnecting to %s: %s", link, self._untrusted(link))
+            else:
+                log.info("reconnecting to %s with the renewed certificate (serial %x)", link, serial)
             link.reconnect()
             with gevent.Timeout(bound, False):
                 while link.connected:
@@ -521,6 +532,13 @@ class EventClient:
                 if number is not None:
                     link.wait_pong(number, bound)
             link.reconnecting = False
+
+    def _untrusted(self, link):
+        """Why the certificate link's server presented is no longer trusted (its CA retired), or None."""
+        identity = link.server_identity
+        if not link.connected or identity is None or identity.serial in self.contexts.revoked_serials:
+            return None  # revoked: _drop_revoked_servers cuts it at once
+        return self.contexts.refusal(identity)
 
     def _broadcast(self, frame):
         return sum(1 for link in self.links.values() if link.send(frame))

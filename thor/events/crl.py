@@ -40,7 +40,7 @@ class CRLExchange:
         if held.is_text(body["crl"]):
             return
         try:
-            handed = RevocationList(body["crl"], self.contexts.ca_certificate)
+            handed = RevocationList(body["crl"], self.contexts.ca_certificates)
         except CRLError as error:
             log.warning("ignoring the CRL event server %s handed over: it %s", message.server, error)
             return

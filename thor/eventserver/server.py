@@ -108,6 +108,7 @@ class Connection:
             "port": port,
             "sessions": sorted(self.sessions),
             "certificate_expires": self.identity.not_after,
+            "certificate_issuer": self.identity.issuer,
         }
 
     def send(self, frame):

@@ -60,14 +60,22 @@ class MonitorDaemon(MemberDaemon):
             "expires within --days",
         )
         parser.add_argument("--days", type=float, default=7.0, help="with --check-pki: days of warning (default 7)")
+        parser.add_argument(
+            "--issuer",
+            metavar="CA",
+            help=f"with --once: wait (up to --wait) until every member presents, on every connection, a "
+            f"certificate of the CA with this common name, and every event server too (a CA rollover); "
+            f"exit {EX_UNMET} naming the others",
+        )
 
     def setup(self):
-        if (self.options.expect or self.options.check_pki) and not self.options.once:
-            raise StartupError("--expect and --check-pki go with --once")
+        if (self.options.expect or self.options.check_pki or self.options.issuer) and not self.options.once:
+            raise StartupError("--expect, --check-pki and --issuer go with --once")
         if not self.options.once and not sys.stdout.isatty():
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
         self.certificates = {}  # member name -> when its certificate expires (the soonest of its connections)
+        self.issuers = {}  # member name -> the CAs that issued the certificates of its connections
         self.client.subscribe(CONNECTIONS, self._on_connection)
         self.relays = {}
         self.client.subscribe(STATISTICS, self._on_statistics)
@@ -103,17 +111,40 @@ class MonitorDaemon(MemberDaemon):
             name, expires = str(member.get("name")), member["certificate_expires"]
             if name in self.certificates or len(self.certificates) < 100000:
                 self.certificates[name] = min(expires, self.certificates.get(name, expires))
+                self.issuers.setdefault(name, set()).add(str(member.get("certificate_issuer")))
+
+    def unmet(self, status):
+        """What --expect and --issuer ask for that status (and the connections seen) lacks, one line each."""
+        problems = unmet_expectations(status, self.options.expect)
+        wanted = self.options.issuer
+        if wanted is None:
+            return problems
+        issuers = {name: set(found) for name, found in self.issuers.items()}
+        for link in self.client.links.values():
+            identity = link.server_identity if link.connected else None
+            if identity is not None:
+                issuers.setdefault(identity.name, set()).add(str(identity.issuer))
+        for name in sorted(status.members):
+            others = issuers.get(name, {"no connection seen yet"}) - {wanted}
+            if others:
+                problems.append(f"{name}: certificate of {', '.join(sorted(others))}, not of {wanted}")
+        return problems
 
     def _once(self):
-        expected = self.options.expect
-        status = self.member.status.wait(
-            lambda status: status.version > 0 and not unmet_expectations(status, expected), timeout=self.options.wait
-        )
+        # Polled too: what --issuer waits for arrives with the connection reports, not with a new status.
+        deadline = time.monotonic() + self.options.wait
+        while True:
+            remaining = deadline - time.monotonic()
+            status = self.member.status.wait(
+                lambda status: status.version > 0 and not self.unmet(status), timeout=max(0, min(0.5, remaining))
+            )
+            if status is not None or remaining <= 0:
+                break
         # What the servers retain (the relays' statistics) has reached us once they answer a ping.
         self.client.sync(timeout=2)
         if status is None and self.member.status.status.version > 0:
             status = self.member.status.status
-            problems = unmet_expectations(status, expected)
+            problems = self.unmet(status)
             print(f"network status v{status.version} after {self.options.wait:g}s lacks:")
             print("\n".join(f"  {problem}" for problem in problems))
             sys.stdout.flush()

@@ -3,7 +3,9 @@
 Both ends present a certificate issued by the provider CA (thor.pki); both
 check the other's against the CA and the CRL. The application gets the peer's
 thor.identity.Identity: its node name (the certificate's common name), the
-roles its certificate grants and its addresses. The CA, certificate, key and CRL are re-read on reload()
+roles its certificate grants and its addresses. The CA file may hold several CAs
+(a CA rollover, docs/pki.md): the first is the one that signs today; the CRL
+file then holds a CRL of each. The CA, certificate, key and CRL are re-read on reload()
 (the daemons call it on SIGHUP) and when the files change (watch()); a reload
 that fails keeps the previous contexts and logs why. Connections of peers
 whose certificate the new CRL revokes are closed at once.
@@ -27,7 +29,7 @@ from gevent.server import StreamServer
 from thor.files import write_atomic
 from thor.identity import Identity
 from thor.transport.crl import CRLError, RevocationList
-from thor.x509compat import not_valid_after
+from thor.x509compat import common_name, load_pem_certificates, not_valid_after
 
 __all__ = ["TLSContexts", "TLSError", "TLSServer", "connect", "format_address"]
 
@@ -60,7 +62,7 @@ class TLSContexts:
         self.ca, self.certificate, self.private_key, self.crl = self.files
         self.learned_crl = learned_crl
         self._callbacks = []
-        self.ca_certificate = None
+        self.ca_certificates = ()  # every trusted CA; the first signs today
         self.revocation_list = None  # the RevocationList in use
         self.certificate_expiry = None
         self.certificate_serial = None  # of this program's own certificate
@@ -79,8 +81,22 @@ class TLSContexts:
         )
 
     @property
+    def ca_certificate(self):
+        """The CA that signs today (the first in the CA file)."""
+        return self.ca_certificates[0]
+
+    @property
     def revoked_serials(self):
         return self.revocation_list.revoked_serials
+
+    def refusal(self, identity):
+        """Why a peer whose handshake passed must go now (the files changed since), or None."""
+        if identity.serial in self.revoked_serials:
+            return "its certificate was revoked"
+        trusted = {common_name(ca) for ca in self.ca_certificates}
+        if identity.issuer is not None and identity.issuer not in trusted:
+            return f"its certificate was issued by {identity.issuer}, a CA no longer trusted"
+        return None
 
     def offer_crl(self, pem):
         """Take a CRL another member handed over when it supersedes the one in use (kept in
@@ -89,7 +105,7 @@ class TLSContexts:
         if self.learned_crl is None:
             return False
         try:
-            candidate = RevocationList(pem, self.ca_certificate)
+            candidate = RevocationList(pem, self.ca_certificates)
         except CRLError as error:
             log.warning("refusing a CRL handed over: it %s", error)
             return False
@@ -121,7 +137,13 @@ class TLSContexts:
             return False
         self._stamp = stamp
         self._use(contexts)
-        log.info("TLS files reloaded (%s, %d revoked certificates)", self.revocation_list, len(self.revoked_serials))
+        log.info(
+            "TLS files reloaded (%d trusted CA%s, %s, %d revoked certificates)",
+            len(self.ca_certificates),
+            "" if len(self.ca_certificates) == 1 else "s",
+            self.revocation_list,
+            len(self.revoked_serials),
+        )
         for callback in list(self._callbacks):
             try:
                 callback(self)
@@ -130,15 +152,18 @@ class TLSContexts:
         return True
 
     def _use(self, built):
-        self.server_context, self.client_context, self.ca_certificate, self.revocation_list = built[:4]
+        self.server_context, self.client_context, self.ca_certificates, self.revocation_list = built[:4]
         self.certificate_serial, self.certificate_expiry = built[4]
         self.check_expiry()
 
     def expiries(self):
-        """[(what, when it expires, what to run)] of the CA, this program's certificate and the CRL."""
+        """[(what, when it expires, what to run)] of each CA, this program's certificate and the CRL."""
         where = "where the CA is"
         return [
-            (f"the CA certificate {self.ca}", not_valid_after(self.ca_certificate), f"a CA rollover {where}"),
+            *(
+                (f"the CA {ca.subject.rfc4514_string()} in {self.ca}", not_valid_after(ca), f"a CA rollover {where}")
+                for ca in self.ca_certificates
+            ),
             (
                 f"this node's certificate {self.certificate}",
                 self.certificate_expiry,
@@ -201,8 +226,8 @@ class TLSContexts:
         return tuple(stamp)
 
     def _build(self):
-        ca_certificate = self._load_ca()
-        revocation_list, crl_path = self._newest_crl(ca_certificate)
+        ca_certificates = self._load_ca()
+        revocation_list, crl_path = self._newest_crl(ca_certificates)
         server_context = self._context(ssl.PROTOCOL_TLS_SERVER, crl_path)
         client_context = self._context(ssl.PROTOCOL_TLS_CLIENT, crl_path)
         # Peers are identified by the roles in their certificate, not by host
@@ -210,7 +235,7 @@ class TLSContexts:
         client_context.check_hostname = False
         client_context.verify_mode = ssl.CERT_REQUIRED
         server_context.verify_mode = ssl.CERT_REQUIRED
-        return server_context, client_context, ca_certificate, revocation_list, self._own_certificate()
+        return server_context, client_context, ca_certificates, revocation_list, self._own_certificate()
 
     def _context(self, protocol, crl_path):
         context = ssl.SSLContext(protocol)
@@ -241,17 +266,17 @@ class TLSContexts:
     def _load_ca(self):
         try:
             with open(self.ca, "rb") as stream:
-                return x509.load_pem_x509_certificate(stream.read())
+                return tuple(load_pem_certificates(stream.read()))
         except OSError as error:
             raise TLSError(f"cannot read CA {self.ca}: {error.strerror}") from None
         except ValueError:
             raise TLSError(f"{self.ca} is not a PEM certificate") from None
 
-    def _newest_crl(self, ca_certificate):
+    def _newest_crl(self, ca_certificates):
         """The newest usable CRL of the configured and the learned file: (RevocationList, path).
         Never one older than the CRL in use under the same CA (a replayed CRL un-revokes)."""
         try:
-            newest, path = RevocationList.load(self.crl, ca_certificate), self.crl
+            newest, path = RevocationList.load(self.crl, ca_certificates), self.crl
         except OSError as error:
             raise TLSError(
                 f"cannot read CRL {self.crl}: {error.strerror} (a CRL is required, even an empty one)"
@@ -260,14 +285,14 @@ class TLSContexts:
             raise TLSError(f"CRL {self.crl} {error} (CA {self.ca})") from None
         if self.learned_crl is not None and os.path.exists(self.learned_crl):
             try:
-                learned = RevocationList.load(self.learned_crl, ca_certificate)
+                learned = RevocationList.load(self.learned_crl, ca_certificates)
             except (OSError, CRLError) as error:
                 log.warning("ignoring the CRL in %s: %s", self.learned_crl, getattr(error, "strerror", None) or error)
             else:
                 if learned.supersedes(newest):
                     newest, path = learned, self.learned_crl
         held = self.revocation_list
-        if held is not None and ca_certificate == self.ca_certificate and held.supersedes(newest):
+        if held is not None and ca_certificates == self.ca_certificates and held.supersedes(newest):
             raise TLSError(f"{path} holds {newest}, older than the {held} in use: refused")
         return newest, path
 
@@ -318,7 +343,7 @@ class TLSServer:
         self.connections = {}
         self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
         self._server.reuse_addr = 1
-        contexts.add_reload_callback(self._drop_revoked)
+        contexts.add_reload_callback(self._drop_refused)
 
     @property
     def address(self):
@@ -331,7 +356,7 @@ class TLSServer:
         self._server.start()
 
     def stop(self, timeout=5):
-        self.contexts.remove_reload_callback(self._drop_revoked)
+        self.contexts.remove_reload_callback(self._drop_refused)
         self._server.close()
         for tls_socket in list(self.connections):
             with contextlib.suppress(OSError):
@@ -351,9 +376,10 @@ class TLSServer:
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
-        if identity.serial in self.contexts.revoked_serials:
-            # Handshake began before a CRL reload that revokes this certificate.
-            self.log.warning("refused %s: certificate revoked", identity)
+        refusal = self.contexts.refusal(identity)
+        if refusal is not None:
+            # Handshake began before a reload that revokes this certificate, or retires its CA.
+            self.log.warning("refused %s: %s", identity, refusal)
             with contextlib.suppress(OSError):
                 tls_socket.close()
             return
@@ -370,10 +396,11 @@ class TLSServer:
             with contextlib.suppress(OSError):
                 tls_socket.close()
 
-    def _drop_revoked(self, contexts):
+    def _drop_refused(self, contexts):
         for tls_socket, identity in list(self.connections.items()):
-            if identity.serial in contexts.revoked_serials:
-                self.log.warning("closing %s: its certificate was revoked", identity)
+            refusal = contexts.refusal(identity)
+            if refusal is not None:
+                self.log.warning("closing %s: %s", identity, refusal)
                 with contextlib.suppress(OSError):
                     tls_socket.shutdown(socket.SHUT_RDWR)
 

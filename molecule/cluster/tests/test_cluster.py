@@ -575,13 +575,7 @@ def test_keys_are_made_on_their_hosts_and_certificates_renew_in_place():
     )
     assert renewed.returncode == 0, renewed.stderr
     assert renewed.stdout.count("renewed ") == len(PROGRAMS), renewed.stdout
-    rollout = run_playbook_in_background("renew.yml")
-    polls = []
-    while rollout.poll() is None:
-        current = status()
-        polls.append(set(current["members"]) if current else set())
-    output = rollout.communicate()[0]
-    assert rollout.returncode == 0, output[-3000:]
+    polls = roll_out_watching_the_status("renew.yml")
     assert polls and all(seen == members for seen in polls), [sorted(members - seen) for seen in polls]
 
     after = host_certificates()
@@ -601,6 +595,18 @@ def test_keys_are_made_on_their_hosts_and_certificates_renew_in_place():
             message=f"{name}'s event server reloading its certificate",
         )
     assert set(status_where(lambda s: len(s["members"]) == 8, 30, "8 members")["members"]) == members
+
+
+def roll_out_watching_the_status(playbook, *extra):
+    """Run a playbook and poll the network status meanwhile: the member names of each poll."""
+    rollout = run_playbook_in_background(playbook, *extra)
+    polls = []
+    while rollout.poll() is None:
+        current = status()
+        polls.append(set(current["members"]) if current else set())
+    output = rollout.communicate()[0]
+    assert rollout.returncode == 0, output[-3000:]
+    return polls
 
 
 def run_playbook_in_background(name, *extra):
@@ -667,3 +673,39 @@ def test_a_crl_renewed_where_the_ca_is_reaches_every_host_over_the_bus():
     check = host("thor1").run("python3 -m thor.monitor.main --config /etc/thor/config.ini --once --check-pki --wait 5")
     assert check.rc == 0, check.stdout + check.stderr
     assert "the certificate of node1" in check.stdout and "the CRL" in check.stdout
+
+
+def test_a_ca_rollover_through_the_playbook_moves_every_host_to_the_new_ca_and_keeps_every_member():
+    """playbooks/ca-rollover.yml: a new CA trusted, then signing, then alone; every host keeps its
+    key and its programs, and the network status keeps every member throughout."""
+    pki = os.environ["THOR_MOLECULE_PKI"]
+    with open(os.path.join(pki, "ca.crt"), "rb") as stream:
+        old_ca = x509.load_pem_x509_certificate(stream.read())
+    hosts = sorted(set(PROGRAMS) - {"node2"})  # revoked above: kept out (thor_pki_revoke)
+    before = host_certificates()
+    members = set(status_where(lambda s: len(s["members"]) == len(hosts), 60, "every member")["members"])
+    extra = {"thor_pki_revoke": ["node2"], "thor_pki_rollover_settle": 10}
+    polls = roll_out_watching_the_status("ca-rollover.yml", "-e", json.dumps(extra))
+    print(f"the rollover took {len(polls)} status polls; members seen each time: {len(members)}")
+    assert polls and all(seen == members for seen in polls), [sorted(members - seen) for seen in polls]
+
+    with open(os.path.join(pki, "ca.crt"), "rb") as stream:
+        trusted = stream.read()
+    new_ca = x509.load_pem_x509_certificate(trusted)
+    assert trusted.count(b"BEGIN CERTIFICATE") == 1 and new_ca.subject != old_ca.subject
+    assert not os.path.exists(os.path.join(pki, "ca-previous.key"))
+    after = host_certificates()
+    issuer_of_node_certificate = SERIAL_OF_NODE_CERTIFICATE.replace(".serial_number", ".issuer.rfc4514_string()")
+    for name in hosts:
+        serial, key, pids = after[name]
+        assert serial != before[name][0], f"{name} kept its certificate"
+        assert (key, pids) == before[name][1:], f"{name}: a new key or restarted programs"
+        assert host(name).run(issuer_of_node_certificate).stdout.strip() == new_ca.subject.rfc4514_string()
+        assert host(name).run("cat /etc/thor/tls/ca.crt").stdout.encode() == trusted
+    pem = ssl.get_server_certificate((THOR2, 9200), timeout=5)
+    assert x509.load_pem_x509_certificate(pem.encode()).issuer == new_ca.subject  # NGNPro, unrestarted
+    common_name = new_ca.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+    check = host("thor1").run(
+        f"python3 -m thor.monitor.main --config /etc/thor/config.ini --once --wait 10 --issuer '{common_name}'"
+    )
+    assert check.rc == 0, check.stdout + check.stderr
