@@ -5,6 +5,7 @@ run on thor.eventserver.memory (socket pairs instead of TLS). The same paths ove
 TLS, as processes, are in test_membership.py and test_ngnpro.py.
 """
 
+import gevent
 import pytest
 
 from thor import roles
@@ -198,4 +199,36 @@ def test_a_link_reconnected_on_purpose_is_back_at_once_however_often_it_failed_b
     before = len(attempts)
     client.links[("es1", 8000)].reconnect()
     # Without the reset: the next attempt after 3.2 s (x0.5-1.5); now after 0.05 s.
+    wait_for(lambda: len(attempts) > before and client.connected_servers, 1.0, message="connected again at once")
+
+
+def test_a_link_whose_connection_held_is_back_at_once_when_its_server_restarts(bus):
+    """Failures long ago leave no backoff behind once a connection held (stable_session); one cut
+    soon after it came up (a slow consumer, an overloaded server) goes on backing off."""
+    client = bus.client(
+        "node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30), stable_session=0.5
+    )
+    attempts = []
+    connect = client.connect
+    client.connect = lambda *args, **kwargs: attempts.append(1) or connect(*args, **kwargs)
+    client.start()
+    assert client.wait_connected(1, timeout=5)
+    bus.kill_server("es1")
+    wait_for(lambda: len(attempts) >= 7, 10, message="six failed reconnects")  # the backoff at 3.2 s
+    bus.add_server("es1")
+    assert client.wait_connected(1, timeout=10)
+    link = client.links[("es1", 8000)]
+    # Cut soon after it came up: the next attempt waits out the backoff built up (6.4 s x 0.5-1.5).
+    before = len(attempts)
+    bus.kill_server("es1")
+    bus.add_server("es1")
+    wait_for(lambda: not link.connected, 1.0, message="the link down")
+    gevent.sleep(1.0)
+    assert len(attempts) == before, "reconnected at once after a connection that did not hold"
+    assert client.wait_connected(1, timeout=15)
+    # Up longer than stable_session: a restart of its server finds it back within the shortest backoff.
+    gevent.sleep(0.6)
+    before = len(attempts)
+    bus.kill_server("es1")
+    bus.add_server("es1")
     wait_for(lambda: len(attempts) > before and client.connected_servers, 1.0, message="connected again at once")

@@ -123,6 +123,8 @@ class ServerLink:
         self.server_certificate_expires = None  # seconds since the epoch
         self.reconnecting = False  # reconnect() dropped the connection; cleared once back
         self.certificate_serial = None  # of our certificate the connection was made with
+        self.connected_since = None  # time.monotonic() of the current connection's hello
+        self.last_uptime = 0.0  # seconds the last connection was up
         self.pings_sent = 0
         self.pongs_received = 0
         self._pong = Event()
@@ -193,7 +195,11 @@ class ServerLink:
                 self._disconnected()
             if self._stopped:
                 return
-            if self.reconnecting:  # dropped on purpose (reconnect()): back at once
+            # Dropped on purpose (reconnect()), or after a connection that held: back at once, so
+            # that a long-lived member is not left out for the backoff its failures built up
+            # months ago. A connection cut soon after it came up (a slow consumer cut again and
+            # again, an overloaded server) keeps backing off, so that it cannot loop tightly.
+            if self.reconnecting or self.last_uptime >= self.client.stable_session:
                 delay = self.client.backoff_min
             # Jitter spreads the reconnects of hundreds of members after an event server restarts.
             gevent.sleep(delay * random.uniform(0.5, 1.5))
@@ -218,6 +224,7 @@ class ServerLink:
         self.keepalive = float(hello.get("keepalive", 1.0))
         tls_socket.settimeout(self.keepalive * 3)
         self.connected = True
+        self.connected_since = time.monotonic()
         topics = self.client.subscriptions(self)
         for start in range(0, len(topics), protocol.MAX_TOPICS_PER_FRAME):
             chunk = topics[start : start + protocol.MAX_TOPICS_PER_FRAME]
@@ -273,6 +280,7 @@ class ServerLink:
 
     def _disconnected(self):
         was_connected = self.connected
+        self.last_uptime = time.monotonic() - self.connected_since if was_connected else 0.0
         self.connected = False
         self._pong.set()
         self.pings_sent = self.pongs_received = 0
@@ -298,9 +306,12 @@ class EventClient:
         backoff=(0.5, 30.0),
         send_queue_limit=4 << 20,
         connector=None,
+        stable_session=10.0,
     ):
         """contexts: the TLS contexts the links connect with; connector(endpoint, timeout,
-        expected_role) -> (socket, server Identity) replaces TLS (thor.transport.memory)."""
+        expected_role) -> (socket, server Identity) replaces TLS (thor.transport.memory).
+        stable_session: a link whose connection lasted this many seconds starts its backoff
+        anew when it breaks (a shorter one goes on from where its failures left it)."""
         if not servers and not domain:
             raise ValueError("event servers need a static list or a domain to discover them in")
         self.contexts = contexts
@@ -311,6 +322,7 @@ class EventClient:
         self.discovery_interval = discovery_interval
         self.connect_timeout = connect_timeout
         self.backoff_min, self.backoff_max = backoff
+        self.stable_session = stable_session
         self.send_queue_limit = send_queue_limit
         self.handlers = collections.defaultdict(list)
         self.retained = {}  # topic -> [publish frame]: one, or a log's in order
