@@ -147,3 +147,24 @@ def test_a_load_that_stops_coming_is_asked_again(cache):
     wait_for(lambda: len(client.requests()) == 2, timeout=5, message="the request made again")
     load(cache, [change(1)])
     assert cache.loads == 1 and cache.get(KEY) is not None
+
+
+def test_with_a_credential_the_cache_answers_only_requests_that_carry_it(cache):
+    load(cache, [change(1)])
+    wait_for(lambda: cache.get(KEY), message="alice cached")
+    application = accounts.accounts_application(cache, "a-secret-of-the-sip-proxy")
+
+    def get(path, **headers):
+        answer = {}
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, **headers}
+        body = b"".join(application(environ, lambda status, _headers: answer.setdefault("status", status)))
+        return answer["status"], body
+
+    assert get(f"/accounts/{KEY}/ha1")[0] == "401 Unauthorized"
+    assert get(f"/accounts/{KEY}/ha1", HTTP_AUTHORIZATION="Bearer a-guess")[0] == "401 Unauthorized"
+    assert get(f"/accounts/{KEY}/ha1", HTTP_AUTHORIZATION="Bearer a-secret-of-the-sip-proxy") == ("200 OK", b"0" * 32)
+    # Without a credential (loopback), the header is not needed.
+    open_application = accounts.accounts_application(cache)
+    answer = []
+    open_application({"REQUEST_METHOD": "GET", "PATH_INFO": "/accounts"}, lambda status, _: answer.append(status))
+    assert answer == ["200 OK"]

@@ -207,8 +207,20 @@ def test_sample_uncommented_is_a_valid_configuration(tmp_path):
         ("192.0.2.7", False),
     ],
 )
-def test_thor_node_knows_when_its_account_cache_leaves_loopback(tmp_path, listen, loopback):
+def test_thor_node_serves_its_account_cache_beyond_loopback_only_with_a_credential(tmp_path, listen, loopback):
     from thor.node.config import NodeConfig
 
-    (node,) = load_config(write(tmp_path, f"[Node]\naccounts_listen = {listen}\n"), NodeConfig)
-    assert node.accounts_on_loopback is loopback
+    path = write(tmp_path, f"[Node]\naccounts_listen = {listen}\n")
+    if loopback:
+        (node,) = load_config(path, NodeConfig)
+        assert node.accounts_on_loopback
+    else:
+        with pytest.raises(ConfigError, match="not a loopback address, where anyone who reaches it would read"):
+            load_config(path, NodeConfig)
+    credential = "a-secret-of-the-sip-proxy"
+    (node,) = load_config(
+        write(tmp_path, f"[Node]\naccounts_listen = {listen}\naccounts_credential = {credential}\n"), NodeConfig
+    )
+    assert node.accounts_on_loopback is loopback and node.accounts_credential == credential
+    with pytest.raises(ConfigError, match="accounts_credential: at least 16 characters"):
+        load_config(write(tmp_path, f"[Node]\naccounts_listen = {listen}\naccounts_credential = short\n"), NodeConfig)

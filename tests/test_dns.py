@@ -10,9 +10,11 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import dns.resolver
+import gevent.socket
 import psycopg2
 import pytest
 
+from thor.dns.embedded import EmbeddedZone
 from thor.dns.records import ZoneSettings, zone_records
 from thor.loopback.network import EventServerProcess, Overlay, wait_status
 from thor.loopback.postgresql import SCHEMA, PostgreSQL, PowerDNS
@@ -146,6 +148,37 @@ def check_network_in_dns(overlay, observer, server):
     assert status.version > 0
     soa = query(server, f"{DOMAIN}.", "SOA").answer[0][0]
     return soa.serial
+
+
+def test_one_strangers_idle_tcp_connections_keep_no_resolver_out():
+    """8 idle TCP connections from one address used to take all 8 of the embedded server's TCP
+    slots for its 5 s idle timeout; now one address holds 2 and the rest are closed at once."""
+    settings = ZoneSettings(DOMAIN, [("ns1", "127.0.0.53")], ttl=30, answer_limit=LIMIT)
+    zone = EmbeddedZone(("127.0.5.53", 0), max_tcp_clients=8, max_tcp_per_source=2)
+    zone.update(settings, zone_records(status_of({"node1": "127.0.0.11"}), settings), 1)
+    zone.start()
+    flood = []
+    try:
+        for _ in range(8):
+            stranger = gevent.socket.socket()
+            stranger.bind(("127.0.0.99", 0))
+            stranger.connect(zone.address)
+            flood.append(stranger)
+        # In-process (the server's greenlets must run while we wait): the TCP query by hand.
+        with gevent.socket.create_connection(zone.address, timeout=2) as client:
+            wire = dns.message.make_query(f"node1.{DOMAIN}", "A").to_wire()
+            client.sendall(struct.pack("!H", len(wire)) + wire)
+            data = b""
+            while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+                chunk = client.recv(65535)  # within its 2 s
+                assert chunk, "the server closed the connection"
+                data += chunk
+        answer = dns.message.from_wire(data[2:])
+        assert [rrset.to_text().split()[-1] for rrset in answer.answer] == ["127.0.0.11"]
+    finally:
+        for stranger in flood:
+            stranger.close()
+        zone.stop()
 
 
 def test_embedded_backend(overlay):

@@ -131,10 +131,11 @@ def test_departure_announced_within_a_second_of_kill_9(tmp_path, pki, cluster):
 def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
     start, clients = cluster
     servers = start(1)
-    member = event_client(pki, "node1", "sip_proxy,media_relay", servers)
+    member = event_client(pki, "node1", "sip_proxy,media_relay", servers, address="127.0.0.21")
     clients.append(member)
-    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy"], "version": 1}, retain=True)
-    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy", "media_relay"], "version": 2}, retain=True)
+    first = {"name": "node1", "address": "127.0.0.21", "roles": ["sip_proxy"], "version": 1}
+    member.publish(PRESENCE, first, retain=True)
+    member.publish(PRESENCE, dict(first, roles=["sip_proxy", "media_relay"], version=2), retain=True)
     settle(member)
 
     late = event_client(pki, "manager1", "thor_manager", servers)
@@ -144,7 +145,7 @@ def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
     late.subscribe(CONNECTIONS, connections)
     settle(late)  # retained presence and the snapshot come before the answer to our ping
     members_presence = [m.body for m in presence.messages if m.publisher != "es1"]
-    assert members_presence == [{"name": "node1", "roles": ["sip_proxy", "media_relay"], "version": 2}]
+    assert members_presence == [dict(first, roles=["sip_proxy", "media_relay"], version=2)]
     (own,) = [m.body for m in presence.messages if m.publisher == "es1"]  # the server's own entity
     assert own["roles"] == ["thor_eventserver"]
     assert (own["address"], own["attributes"]) == ("127.0.0.1", {"port": servers[0].port})
@@ -170,7 +171,7 @@ def test_snapshot_and_retained_presence_for_late_subscribers(pki, cluster):
 def test_forbidden_publish_is_refused_and_other_traffic_continues(pki, cluster):
     start, clients = cluster
     servers = start(3)
-    member = event_client(pki, "node1", "sip_proxy", servers)
+    member = event_client(pki, "node1", "sip_proxy", servers, address="127.0.0.21")
     watcher = event_client(pki, "monitor1", "thor_monitor", servers)
     clients.extend([member, watcher])
     errors = []
@@ -181,23 +182,29 @@ def test_forbidden_publish_is_refused_and_other_traffic_continues(pki, cluster):
     settle(watcher)
 
     member.publish(MEMBERS, {"version": 99})  # only thor_manager may
-    member.publish(PRESENCE, {"name": "node1", "roles": ["thor_manager"]})  # role not granted
-    member.publish(PRESENCE, {"name": "node2", "roles": ["sip_proxy"]})  # someone else's name
+    own = {"name": "node1", "address": "127.0.0.21", "roles": ["sip_proxy"]}
+    member.publish(PRESENCE, dict(own, roles=["thor_manager"]))  # role not granted
+    member.publish(PRESENCE, dict(own, name="node2"))  # someone else's name
+    member.publish(PRESENCE, dict(own, address="192.0.2.66"))  # an address its certificate does not name
     member.publish(CONNECTIONS, {"event": "connected"})  # only event servers
     member.publish("Thor.Invented", {})  # reserved, no rule
-    wait_for(lambda: len(errors) == 15, message="15 forbidden errors (5 per server)")
+    wait_for(lambda: len(errors) == 18, message="18 forbidden errors (6 per server)")
     assert {frame["code"] for _, frame in errors} == {"forbidden"}
     assert {server for server, _ in errors} == {"es1", "es2", "es3"}
     assert any("does not grant thor_manager" in frame["message"] for _, frame in errors)
+    assert any(
+        "presence address 192.0.2.66 is not the one certificate of node1 names (127.0.0.21)" in frame["message"]
+        for _, frame in errors
+    )
 
     # Still connected everywhere; its allowed traffic flows.
     assert member.connected_servers == ["es1", "es2", "es3"]
-    member.publish(PRESENCE, {"name": "node1", "roles": ["sip_proxy"]})
+    member.publish(PRESENCE, own)
     member.publish(APP, "hello")
     wait_for(lambda: len([m for m in seen.messages if m.publisher == "node1"]) == 2, message="allowed messages")
     settle(member, watcher)
     assert [(m.topic, m.body) for m in seen.messages if m.publisher == "node1"] == [
-        (PRESENCE, {"name": "node1", "roles": ["sip_proxy"]}),
+        (PRESENCE, own),
         (APP, "hello"),
     ]
 
@@ -471,3 +478,26 @@ def test_clean_stop(pki, cluster):
 
 def test_contexts_for_test_use_are_fresh(pki):
     assert isinstance(pki.contexts("x", "sip_proxy"), TLSContexts)
+
+
+def test_a_strangers_idle_sockets_keep_no_member_out(pki, cluster):
+    """24 idle TCP connections (no TLS hello) from one address used to take every one of the
+    server's 12 slots for its handshake timeout, twice over, while a member waited behind them in
+    the backlog beyond its own connect timeout. Now one address holds 4 handshakes at most."""
+    start, clients = cluster
+    (server,) = start(1, max_connections=12, max_handshakes_per_source=4)
+    flood = []
+    try:
+        for _ in range(24):
+            stranger = socket.socket()
+            stranger.bind(("127.0.0.99", 0))
+            stranger.connect(server.endpoint)
+            flood.append(stranger)
+        member = event_client(pki, "node1", "sip_proxy", [server], connect=False, connect_timeout=5.0)
+        clients.append(member)
+        # Before the strangers' handshakes time out (5 s): nobody took its place in the queue.
+        wait_for(lambda: member.connected_servers == ["es1"], 3.0, message="node1 connected during the flood")
+        server.wait_log("refused a connection from 127.0.0.99: it has 4 TLS handshakes under way already")
+    finally:
+        for stranger in flood:
+            stranger.close()

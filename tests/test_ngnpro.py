@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import resource
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from thor.loopback.ngnpro import (
 from thor.loopback.postgresql import PostgreSQL
 from thor.loopback.process import free_port, wait_for
 from thor.membership.member import OverlayMember
+from thor.ngnpro.throttle import LoginThrottle
 
 
 @pytest.fixture
@@ -78,6 +80,58 @@ def test_the_wsdl_has_both_ports_and_calls_need_the_login(network):
     intruder = Soap(soap.client, password="wrong-password")
     assert fault_code(intruder.getDomains) == "Client.Unauthorized"
     assert soap.getDomains() in (None, [])
+
+
+def test_failed_logins_are_logged_and_a_guessing_address_is_refused_unchecked(network):
+    soap = network.client()
+    assert soap.getDomains() in (None, [])
+    guesser = Soap(soap.client, username="root", password="guess-number-n")
+    assert [fault_code(guesser.getDomains) for _ in range(5)] == ["Client.Unauthorized"] * 5
+    network.ngnpro.wait_log("failed login from 127.0.0.1 (user 'root'): refusing 127.0.0.1 for 300 s")
+    assert network.ngnpro.log().count("failed login from 127.0.0.1 (user 'root')") == 5
+    # Refused from that address, the right password too: it is not even checked.
+    assert fault_code(soap.getDomains) == "Client.Throttled"
+
+
+def test_a_strangers_idle_connections_keep_no_provisioning_system_out(network):
+    """1,100 idle connections (no TLS hello) from one address used to take all 1,000 of NGNPro's
+    slots for its 10 s handshake timeout while a provisioning system waited in the backlog. Now
+    one address holds 64 at most; the rest are closed at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    flood = []
+    try:
+        for _ in range(1100):
+            stranger = socket.socket()
+            stranger.bind(("127.0.0.99", 0))
+            stranger.connect((NGNPRO_ADDRESS, network.port))
+            flood.append(stranger)
+        session = requests.Session()
+        session.verify, session.trust_env = network.pki.ca.ca_certificate_path, False
+        # Answered before the strangers' handshakes time out (10 s).
+        wsdl = session.get(f"https://{NGNPRO_ADDRESS}:{network.port}/ngnpro/wsdl", timeout=5)
+        assert wsdl.status_code == 200 and b"SipPort" in wsdl.content
+        network.ngnpro.wait_log("refused a connection from 127.0.0.99: it has 64 connections under way already")
+    finally:
+        for stranger in flood:
+            stranger.close()
+
+
+def test_a_login_throttle_counts_per_address_within_its_window_and_forgets_the_oldest():
+    now = [0.0]
+    throttle = LoginThrottle(failures=3, window=10.0, penalty=60.0, max_sources=2, clock=lambda: now[0])
+    assert [throttle.failed("192.0.2.1") for _ in range(2)] == [False, False]
+    now[0] = 11.0  # those two are out of the window
+    assert [throttle.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    assert throttle.blocked_for("192.0.2.1") == 60.0 and throttle.blocked_for("192.0.2.2") == 0.0
+    now[0] = 41.0
+    assert throttle.blocked_for("192.0.2.1") == 30.0
+    throttle.failed("192.0.2.2")
+    throttle.failed("192.0.2.3")  # three addresses, room for two: the least recently seen goes
+    assert throttle.blocked_for("192.0.2.1") == 0.0
+    now[0] = 71.0
+    assert throttle.blocked_for("192.0.2.1") == 0.0
 
 
 @pytest.mark.parametrize("first", ["thor-database", "ngnpro"])
@@ -315,7 +369,7 @@ def test_a_member_asking_for_another_nodes_accounts_gets_nothing(network):
     soap.addAccount(account("alice"))
     wait_for(lambda: cached(network.nodes["node1"], f"alice@{DOMAIN}"), message="alice cached on node1")
     # A live sip_proxy member (its certificate grants the role) that asks for node1's address.
-    rogue_client = event_client(network.pki, "rogue", "sip_proxy", network.overlay.eventservers)
+    rogue_client = event_client(network.pki, "rogue", "sip_proxy", network.overlay.eventservers, address="127.0.4.99")
     rogue = OverlayMember(rogue_client, "rogue", "127.0.4.99", roles=["sip_proxy"])
     rogue.start()
     try:
@@ -330,6 +384,30 @@ def test_a_member_asking_for_another_nodes_accounts_gets_nothing(network):
         assert rogue_client.sync(timeout=5) and answers.messages == []
     finally:
         rogue_client.stop(flush_timeout=0)
+
+
+def test_members_asking_with_a_ring_that_never_comes_keep_no_node_from_its_accounts(network):
+    """Two members (sip_proxy certificates) ask for their accounts with a status version that never
+    comes. They used to hold both load slots for the 10 s of the ring wait while every other node
+    waited; now the wait takes no slot, and node1 is answered before theirs run out."""
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("alice"))
+    rogues = []
+    try:
+        for name in ("rogue1", "rogue2"):
+            client = event_client(network.pki, name, "sip_proxy", network.overlay.eventservers)
+            rogues.append(client)
+            client.publish(ACCOUNTS_WANTED, {"name": name, "address": "127.0.4.99", "request": "r", "ring": 10**15})
+            assert client.sync(timeout=5)
+        network.start_nodes("node1")
+        network.ngnpro.wait_log("entries to node1", timeout=20)
+        assert "no ring of status 1000000000000000 yet" not in network.ngnpro.log()
+        wait_for(lambda: cached(network.nodes["node1"], f"alice@{DOMAIN}"), message="alice cached on node1")
+        network.ngnpro.wait_log("no ring of status 1000000000000000 yet", timeout=20)  # and theirs were not answered
+    finally:
+        for client in rogues:
+            client.stop(flush_timeout=0)
 
 
 def change_password_repeatedly(client, username, tag, count):

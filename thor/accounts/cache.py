@@ -20,6 +20,7 @@ Local consumers (the SIP proxy) read the cache over HTTP (accounts_application),
 served on [Node] accounts_listen (loopback by default: it holds digest hashes).
 """
 
+import hmac
 import itertools
 import json
 import logging
@@ -226,7 +227,7 @@ class AccountCache:
         return None if entry is None or entry.data is None or entry.kind in EVERYONE_KEEPS else entry
 
 
-def accounts_application(cache):
+def accounts_application(cache, credential=""):
     """The WSGI application local consumers read the cache with (docs/provisioning.md):
 
     GET /accounts              -> {"accounts": N, "aliases": M}
@@ -234,10 +235,15 @@ def accounts_application(cache):
                                   (an alias names its target, which may live on another node)
     GET /accounts/KEY/ha1      -> the digest HA1 of an enabled account, as text: what a SIP
                                   proxy authenticates with (403 when disabled)
-    404 when this node does not hold KEY, 400 for a key that is not user@domain.
+    404 when this node does not hold KEY, 400 for a key that is not user@domain. With a
+    credential, 401 for a request without the header 'Authorization: Bearer <credential>'.
     """
+    expected = f"Bearer {credential}".encode()
 
     def application(environ, start_response):
+        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        if credential and not hmac.compare_digest(given, expected):
+            return _json(start_response, "401 Unauthorized", {"error": "the Authorization header is missing or wrong"})
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
             return _json(start_response, "405 Method Not Allowed", {"error": "only GET is served"})
         # PEP 3333: the path arrives percent-decoded, its bytes as latin-1.

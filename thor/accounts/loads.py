@@ -1,17 +1,22 @@
 """NGNPro's side of the account loads: a node asks for the accounts it owns, NGNPro answers.
 
-A request (Thor.AccountsWanted) is answered only by the active NGNPro, only
-for a live sip_proxy member asking for its own address, and only once
-NGNPro's own ring has reached the status the node asked with. The answer is
-every account and alias the node owns on that ring, read in one database
-snapshot and sent on the node's own topic (Thor.Accounts.<name>) in parts.
-At most max_loads snapshots are read at once (each holds a database
-connection); a node has at most one load in flight: asking again while it
-waits keeps its place, asking again while it is answered starts it over.
+A request (Thor.AccountsWanted, which the event servers let a member publish
+under its own name only) is answered only by the active NGNPro, only for a
+live sip_proxy member asking for its own address, and only once NGNPro's own
+ring has reached the status the node asked with. The answer is every account
+and alias the node owns on that ring, read in one database snapshot and sent
+on the node's own topic (Thor.Accounts.<name>) in parts. At most max_loads
+snapshots are read at once (each holds a database connection); a node has at
+most one load in flight: asking again while it waits keeps its place, asking
+again while it is answered starts it over. The wait for the ring and the
+checks of the requester come before a load takes its slot: a member asking
+with a ring version that never comes, or in a name it does not hold, keeps
+no other node's load waiting.
 """
 
 import contextlib
 import logging
+import time
 
 import gevent
 import gevent.lock
@@ -68,27 +73,32 @@ class AccountLoads:
         load.greenlet = gevent.spawn(self._answer, name, load)
 
     def _answer(self, name, load):
+        deadline = time.monotonic() + RING_WAIT
         try:
-            with self._slots:  # a snapshot holds a database connection for the whole load
-                load.started = True
-                address, request = load.address, load.request
-                if not self.rings.wait(load.ring, timeout=RING_WAIT):
-                    log.warning("account request %s: no ring of status %s yet; not answering", request, load.ring)
+            while True:
+                # Outside the slots: one wait per node at most, whatever ring version it names.
+                ring = load.ring
+                if not self.rings.wait(ring, timeout=max(0.0, deadline - time.monotonic())):
+                    log.warning("account request %s: no ring of status %s yet; not answering", load.request, ring)
                     return
-                entity = self.status_cache.status.members.get(name)
-                if entity is None or entity.get("address") != address or roles.SIP_PROXY not in entity.get("roles", ()):
-                    log.warning(
-                        "account request %s: %s is not a live %s at %s; not answering",
-                        request,
-                        name,
-                        roles.SIP_PROXY,
-                        address,
-                    )
+                with self._slots:  # a snapshot holds a database connection for the whole load
+                    if load.ring != ring:
+                        continue  # asked again with a newer ring while waiting for its slot
+                    load.started = True
+                    self._check_and_send(name, load.address, load.request)
                     return
-                self._send(name, address, request)
         finally:
             if self._loads.get(name) is load:
                 del self._loads[name]
+
+    def _check_and_send(self, name, address, request):
+        entity = self.status_cache.status.members.get(name)
+        if entity is None or entity.get("address") != address or roles.SIP_PROXY not in entity.get("roles", ()):
+            log.warning(
+                "account request %s: %s is not a live %s at %s; not answering", request, name, roles.SIP_PROXY, address
+            )
+            return
+        self._send(name, address, request)
 
     def _send(self, name, address, request):
         """Every account and alias the node owns, on its topic, in parts, from one snapshot."""

@@ -23,6 +23,8 @@ import dns.rrset
 from gevent.pool import Pool
 from gevent.server import DatagramServer, StreamServer
 
+from thor.transport.limits import SourceLimit
+
 __all__ = ["EmbeddedZone"]
 
 log = logging.getLogger("thor.dns")
@@ -73,10 +75,13 @@ class Zone:
 
 
 class EmbeddedZone:
-    def __init__(self, listen, max_tcp_clients=256, tcp_idle_timeout=5.0):
+    def __init__(self, listen, max_tcp_clients=256, tcp_idle_timeout=5.0, max_tcp_per_source=16):
+        """At most max_tcp_clients TCP clients at once, max_tcp_per_source of them from one IP address
+        (more from it are closed at once: one stranger's idle sockets keep no resolver out)."""
         self.listen = listen
         self.zone = None
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_per_source = SourceLimit(max_tcp_per_source)
         self._udp = DatagramServer(listen, self._on_datagram)
         self._tcp = StreamServer(listen, self._on_stream, spawn=Pool(max_tcp_clients))
 
@@ -162,6 +167,16 @@ class EmbeddedZone:
             self._udp.sendto(reply, address)
 
     def _on_stream(self, sock, address):
+        source = address[0] if address else "?"
+        if not self.tcp_per_source.admit(source, log, "DNS TCP connections"):
+            sock.close()
+            return
+        try:
+            self._serve_stream(sock)
+        finally:
+            self.tcp_per_source.release(source)
+
+    def _serve_stream(self, sock):
         sock.settimeout(self.tcp_idle_timeout)
         stream = sock.makefile("rwb")
         try:

@@ -10,6 +10,8 @@ free for applications to use between authenticated members. Most topics may
 be read by every member; an application may restrict who reads its own.
 """
 
+import ipaddress
+
 from thor import roles
 
 __all__ = [
@@ -55,6 +57,28 @@ def _own_entity(identity, body):
     extra = set(announced) - identity.roles
     if extra:
         raise ForbiddenError(f"certificate of {identity.name} does not grant {', '.join(sorted(extra))}")
+    _own_address(identity, body.get("address"))
+
+
+def _own_address(identity, address):
+    """The address a member announces is one its certificate names: DNS publishes it, rings route
+    subscribers to it and NGNPro sends it accounts, so a stolen certificate must not point them
+    at an address of the thief's choosing (or a victim's)."""
+    try:
+        announced = ipaddress.ip_address(address)
+    except ValueError:
+        raise ForbiddenError(f"presence address {address!r} is not an IP address") from None
+    certified = {ipaddress.ip_address(text) for text in identity.addresses}
+    if not certified:
+        raise ForbiddenError(
+            f"certificate of {identity.name} names no IP address, so it may announce none "
+            "(issue it with --address, as the rollout does)"
+        )
+    if announced not in certified:
+        raise ForbiddenError(
+            f"presence address {announced} is not the one certificate of {identity.name} names "
+            f"({', '.join(sorted(map(str, certified)))})"
+        )
 
 
 def own_name(identity, body):

@@ -29,6 +29,12 @@ class EventServerConfig(Section):
         "Bytes queued for one member before it counts as too slow and is disconnected.",
     )
     max_connections = Setting(Integer(1, 1000000), "10000", "Members connected (or handshaking) at once.")
+    max_handshakes_per_source = Setting(
+        Integer(1, 1000000),
+        "16",
+        "TLS handshakes under way at once from one IP address; connections beyond are closed at once (so that "
+        "one stranger's idle sockets cannot take every slot).",
+    )
     max_subscriptions = Setting(Integer(1, 100000), "256", "Topics one connection may subscribe to.")
     max_retained = Setting(Integer(0, 10000), "16", "Retained topics one connection may hold on the server.")
     max_retained_bytes = Setting(

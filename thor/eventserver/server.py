@@ -58,6 +58,7 @@ class Limits:
         max_frame_size=1 << 20,
         send_queue_limit=4 << 20,
         max_connections=10000,
+        max_handshakes_per_source=16,
         max_subscriptions=256,
         max_retained=16,
         max_sessions=8,
@@ -70,6 +71,7 @@ class Limits:
         self.max_frame_size = max_frame_size
         self.send_queue_limit = send_queue_limit
         self.max_connections = max_connections
+        self.max_handshakes_per_source = max_handshakes_per_source
         self.max_subscriptions = max_subscriptions
         self.max_retained = max_retained
         self.max_sessions = max_sessions
@@ -164,6 +166,7 @@ class EventServer:
             handshake_timeout=self.limits.handshake_timeout,
             max_connections=self.limits.max_connections,
             name="eventserver",
+            max_handshakes_per_source=self.limits.max_handshakes_per_source,
         )
         self._tls_server.start()
         self._contexts = contexts

@@ -77,10 +77,10 @@ class Recorder:
         return [m.body for m in self.messages if topic is None or m.topic == topic]
 
 
-def event_client(pki, name, member_roles, servers, connect=True, **kwargs):
-    """An in-process EventClient of name (its certificate granting member_roles), started, and
-    connected to every one of servers unless connect is False."""
-    contexts = pki.contexts(name, member_roles)
+def event_client(pki, name, member_roles, servers, connect=True, address=None, **kwargs):
+    """An in-process EventClient of name (its certificate granting member_roles and naming address,
+    the one it may announce), started, and connected to every one of servers unless connect is False."""
+    contexts = pki.contexts(name, member_roles, address=address)
     client = EventClient(contexts, servers=[server.endpoint for server in servers], backoff=(0.1, 1), **kwargs)
     client.start()
     if connect:

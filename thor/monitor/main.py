@@ -75,7 +75,8 @@ class MonitorDaemon(MemberDaemon):
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
         self.certificates = {}  # member name -> when its certificate expires (the soonest of its connections)
-        self.issuers = {}  # member name -> the CAs that issued the certificates of its connections
+        # (event server, connection id) -> (member name, the CA of its certificate), as the servers report.
+        self.connection_issuers = {}
         self.client.subscribe(CONNECTIONS, self._on_connection)
         self.relays = {}
         self.client.subscribe(STATISTICS, self._on_statistics)
@@ -92,8 +93,14 @@ class MonitorDaemon(MemberDaemon):
     def _on_connection(self, message):
         body = message.body
         connected = {"snapshot": body.get("members"), "connected": [body.get("member")]}.get(body.get("event"))
+        server = str(body.get("server"))
+        if body.get("event") == "snapshot":  # what the server holds now: its earlier reports are over
+            for key in [key for key in self.connection_issuers if key[0] == server]:
+                del self.connection_issuers[key]
         for member in connected if isinstance(connected, list) else ():
-            self._note_certificate(member)
+            self._note_certificate(server, member)
+        if body.get("event") == "disconnected" and isinstance(body.get("member"), dict):
+            self.connection_issuers.pop((server, str(body["member"].get("connection"))), None)
         if body.get("event") == "snapshot":
             count = len(body.get("members", []))
             self.events.append(
@@ -105,13 +112,15 @@ class MonitorDaemon(MemberDaemon):
                 (body.get("time", time.time()), f"{body['event']:<12} {member.get('name')} on {body.get('server')}")
             )
 
-    def _note_certificate(self, member):
-        """When a connected member's certificate expires (the soonest of its connections)."""
+    def _note_certificate(self, server, member):
+        """When a connected member's certificate expires (the soonest of its connections), and its CA."""
         if isinstance(member, dict) and isinstance(member.get("certificate_expires"), (int, float)):
             name, expires = str(member.get("name")), member["certificate_expires"]
             if name in self.certificates or len(self.certificates) < 100000:
                 self.certificates[name] = min(expires, self.certificates.get(name, expires))
-                self.issuers.setdefault(name, set()).add(str(member.get("certificate_issuer")))
+            if len(self.connection_issuers) < 1000000:
+                key = (server, str(member.get("connection")))
+                self.connection_issuers[key] = (name, str(member.get("certificate_issuer")))
 
     def unmet(self, status):
         """What --expect and --issuer ask for that status (and the connections seen) lacks, one line each."""
@@ -119,7 +128,9 @@ class MonitorDaemon(MemberDaemon):
         wanted = self.options.issuer
         if wanted is None:
             return problems
-        issuers = {name: set(found) for name, found in self.issuers.items()}
+        issuers = {}
+        for name, issuer in self.connection_issuers.values():
+            issuers.setdefault(name, set()).add(issuer)
         for link in self.client.links.values():
             identity = link.server_identity if link.connected else None
             if identity is not None:

@@ -25,6 +25,15 @@ class NGNProConfig(Section):
         "",
         "The password of the SOAP Login header; at least 12 characters. Required: ngnpro does not start without it.",
     )
+    login_failures = Setting(
+        Integer(1, 1000),
+        "5",
+        "Failed logins from one address within login_window seconds before its calls are refused unchecked.",
+    )
+    login_window = Setting(Float(1, 86400), "60", "Seconds over which failed logins from one address count.")
+    login_penalty = Setting(
+        Float(1, 86400), "300", "Seconds an address that failed too often is refused (fault Client.Throttled)."
+    )
     database_user = Setting(
         String(allow_empty=False),
         "thor",

@@ -30,11 +30,15 @@ from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
 from thor.ngnpro.provisioning import Provisioning
 from thor.ngnpro.soap import wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
+from thor.ngnpro.throttle import LoginThrottle
 from thor.sip.media import relay_report
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
 MAX_CLIENTS = 1000
+# Connections from one IP address at once: a provisioning system needs a few; a stranger holding
+# idle sockets (a TLS handshake waits 10 s, a request 60 s) takes no more than this of the 1000.
+MAX_CLIENTS_PER_SOURCE = 64
 # Nodes' loads read at once (each holds a database connection and a snapshot); more wait. Never
 # all of [NGNPro] pool_size: SOAP calls keep at least one connection.
 MAX_LOADS = 2
@@ -97,9 +101,13 @@ class NGNProDaemon(MemberDaemon):
         try:
             self.server = HTTPServer(
                 settings.listen,
-                wsgi_application(self.provisioning),
+                wsgi_application(
+                    self.provisioning,
+                    LoginThrottle(settings.login_failures, settings.login_window, settings.login_penalty),
+                ),
                 http_log,
                 max_connections=MAX_CLIENTS,
+                max_connections_per_source=MAX_CLIENTS_PER_SOURCE,
                 idle_timeout=IDLE_TIMEOUT,
                 tls_context=context,
             )

@@ -3,7 +3,8 @@
 Every call carries a Login header (username, password) in the namespace
 urn:AGProjects:NGNPro. Faults have codes a client can act on:
 
-    Client.Unauthorized      no or wrong Login header
+    Client.Unauthorized      no or wrong Login header (each logged with its source address)
+    Client.Throttled         too many failed logins from this address lately: wait (thor.ngnpro.throttle)
     Client.InvalidInput      a field breaks its rule (the message names it)
     Client.NotFound          the domain, account or alias does not exist
     Client.Conflict          it exists already (or a domain still holds accounts)
@@ -25,6 +26,7 @@ with warnings.catch_warnings():  # spyne 2.14 imports the cgi module, deprecated
 
 from thor.ngnpro.model import InvalidInputError
 from thor.ngnpro.store import ConflictError, NotFoundError, OutcomeUnknownError, StoreUnavailableError
+from thor.ngnpro.throttle import LoginThrottle
 from thor.transport.http import reply
 
 __all__ = ["NAMESPACE", "wsgi_application"]
@@ -109,8 +111,18 @@ class NodeStatistics(ComplexModel):
 def _call(ctx, operation, *args):
     """Authenticate, run the provisioning operation, turn errors into coded faults."""
     provisioning = ctx.app.provisioning
+    throttle = ctx.app.login_throttle
+    source = _source(ctx)
+    wait = throttle.blocked_for(source)
+    if wait > 0:
+        raise Fault("Client.Throttled", f"too many failed logins from {source}: try again in {wait:.0f} s")
     login = ctx.in_header
     if login is None or not provisioning.authenticate(login.username, login.password):
+        user = "no Login header" if login is None else f"user {login.username!r}"
+        if throttle.failed(source):
+            log.warning("failed login from %s (%s): refusing %s for %g s", source, user, source, throttle.penalty)
+        else:
+            log.warning("failed login from %s (%s)", source, user)
         raise Fault("Client.Unauthorized", "a valid Login header (username, password) is required")
     try:
         return getattr(provisioning, operation)(*args)
@@ -129,6 +141,12 @@ def _call(ctx, operation, *args):
     except Exception:
         log.exception("%s failed", operation)
         raise Fault("Server.Internal", f"{operation} failed; see the ngnpro log") from None
+
+
+def _source(ctx):
+    """The address the call came from (pywsgi's REMOTE_ADDR)."""
+    environ = getattr(ctx.transport, "req_env", None) or {}
+    return environ.get("REMOTE_ADDR") or "?"
 
 
 def _account_fields(account):
@@ -264,8 +282,9 @@ class NetworkPort(ServiceBase):
         ]
 
 
-def wsgi_application(provisioning):
-    """The WSGI application serving both ports; provisioning is a thor.ngnpro.provisioning.Provisioning."""
+def wsgi_application(provisioning, login_throttle=None):
+    """The WSGI application serving both ports; provisioning is a thor.ngnpro.provisioning.Provisioning,
+    login_throttle a thor.ngnpro.throttle.LoginThrottle (default: its defaults)."""
     application = Application(
         [SipPort, NetworkPort],
         tns=NAMESPACE,
@@ -274,6 +293,7 @@ def wsgi_application(provisioning):
         out_protocol=Soap11(),
     )
     application.provisioning = provisioning
+    application.login_throttle = login_throttle or LoginThrottle()
     soap = WsgiApplication(application, max_content_length=1 << 20)
 
     def route(environ, start_response):

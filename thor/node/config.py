@@ -31,7 +31,14 @@ class NodeConfig(Section):
         Endpoint(9501),
         "127.0.0.1:9501",
         "Where local consumers (the SIP proxy) read the accounts this node is responsible for, "
-        "over HTTP (docs/provisioning.md). It serves digest hashes: keep it on loopback.",
+        "over HTTP (docs/provisioning.md). It serves digest hashes: keep it on loopback (elsewhere "
+        "accounts_credential is required).",
+    )
+    accounts_credential = Setting(
+        String(),
+        "",
+        "A secret every request to accounts_listen must carry (header 'Authorization: Bearer <secret>'), "
+        "at least 16 characters; required when accounts_listen is not a loopback address, optional on loopback.",
     )
     account_reload_interval = Setting(
         Float(1, 86400),
@@ -80,6 +87,15 @@ class NodeConfig(Section):
         "Where the SIP proxy beside this node answers JSON-RPC (Kamailio's jsonrpcs, UDP), for the bindings "
         "of the subscribers this node is home for.",
     )
+
+    def validate(self):
+        if self.accounts_credential and len(self.accounts_credential) < 16:
+            raise ValueError("accounts_credential: at least 16 characters")
+        if not self.accounts_on_loopback and not self.accounts_credential:
+            raise ValueError(
+                f"accounts_listen = {self.accounts_listen[0]}: not a loopback address, where anyone who reaches it "
+                "would read digest hashes; keep it on loopback or set accounts_credential"
+            )
 
     @property
     def accounts_on_loopback(self):

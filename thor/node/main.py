@@ -96,7 +96,7 @@ class NodeDaemon(MemberDaemon):
         self.rings.start()
         settings = self.config[NodeConfig]
         self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
-        application = accounts_application(self.accounts)
+        application = accounts_application(self.accounts, settings.accounts_credential)
         self.sip = self.media = self.relay = self.peers = self.peer_server = None
         if self.identity.roles & {roles.SIP_PROXY, roles.MEDIA_RELAY}:
             application = self._start_peers(settings, application)
@@ -113,9 +113,10 @@ class NodeDaemon(MemberDaemon):
             where = format_address(settings.accounts_listen)
             raise StartupError(f"[Node] accounts_listen = {where}: {problem.strerror or problem}") from None
         self.log.info("account cache for the SIP proxy on http://%s/accounts", format_address(settings.accounts_listen))
-        if not settings.accounts_on_loopback:
+        if not settings.accounts_on_loopback:  # the configuration requires a credential there
             self.log.warning(
-                "[Node] accounts_listen = %s is not a loopback address: anyone who reaches it reads digest hashes",
+                "[Node] accounts_listen = %s is not a loopback address: digest hashes are served to whoever "
+                "holds accounts_credential, in clear text (HTTP)",
                 format_address(settings.accounts_listen),
             )
         if roles.SIP_PROXY in self.identity.roles:

@@ -1,7 +1,9 @@
 """HTTP interfaces of the daemons: gevent's pywsgi with bounds.
 
 Connections are bounded (beyond max_connections, new ones wait in the
-listen backlog), a client silent for idle_timeout is dropped, and with a TLS
+listen backlog; beyond max_connections_per_source from one IP address, new
+ones are closed at once, so that one client cannot take every slot), a
+client silent for idle_timeout is dropped, and with a TLS
 context the handshake runs in the connection's own greenlet (bounded by
 handshake_timeout): a client that fails it costs one log line and delays
 nobody. Request lines and headers are bounded by pywsgi itself.
@@ -12,6 +14,7 @@ import ssl
 
 from gevent.pywsgi import WSGIServer
 
+from thor.transport.limits import SourceLimit
 from thor.transport.tls import format_address
 
 __all__ = ["HTTPServer", "reply"]
@@ -27,6 +30,7 @@ class HTTPServer(WSGIServer):
         idle_timeout=60.0,
         tls_context=None,
         handshake_timeout=10.0,
+        max_connections_per_source=None,
     ):
         """Binds listen at once: an OSError here is the operator's to read (address in use...)."""
         listener = socket.socket(socket.AF_INET6 if ":" in listen[0] else socket.AF_INET)
@@ -44,8 +48,21 @@ class HTTPServer(WSGIServer):
         self.idle_timeout = idle_timeout
         self.tls_context = tls_context
         self.handshake_timeout = handshake_timeout
+        self.per_source = SourceLimit(max_connections_per_source) if max_connections_per_source else None
 
     def handle(self, sock, address):
+        source = address[0] if address else "?"
+        if self.per_source is not None and not self.per_source.admit(source, self.refusal_log, "connections"):
+            sock.close()
+            return
+        try:
+            self._serve_connection(sock, address)
+        finally:
+            if self.per_source is not None:
+                self.per_source.release(source)
+
+    def _serve_connection(self, sock, address):
+        # (not _handle: gevent's servers keep their handler under that name)
         if self.tls_context is not None:
             sock.settimeout(self.handshake_timeout)
             try:

@@ -29,6 +29,7 @@ from gevent.server import StreamServer
 from thor.files import write_atomic
 from thor.identity import Identity
 from thor.transport.crl import CRLError, RevocationList
+from thor.transport.limits import SourceLimit
 from thor.x509compat import common_name, load_pem_certificates, not_valid_after
 
 __all__ = ["TLSContexts", "TLSError", "TLSServer", "connect", "format_address"]
@@ -332,14 +333,27 @@ class TLSServer:
 
     The handler owns the socket; it is closed when the handler returns. At
     most max_connections handlers (handshakes included) run at once; beyond
-    that new connections wait in the listen backlog.
+    that new connections wait in the listen backlog. At most
+    max_handshakes_per_source handshakes from one IP address run at once; the
+    connections beyond are closed at once, so that idle sockets from one
+    stranger cannot keep the members out.
     """
 
-    def __init__(self, listener, contexts, handler, handshake_timeout=5.0, max_connections=10000, name="tls"):
+    def __init__(
+        self,
+        listener,
+        contexts,
+        handler,
+        handshake_timeout=5.0,
+        max_connections=10000,
+        name="tls",
+        max_handshakes_per_source=16,
+    ):
         self.contexts = contexts
         self.handler = handler
         self.handshake_timeout = handshake_timeout
         self.log = logging.getLogger(f"thor.{name}")
+        self.handshakes = SourceLimit(max_handshakes_per_source)
         self.connections = {}
         self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
         self._server.reuse_addr = 1
@@ -364,6 +378,11 @@ class TLSServer:
         self._server.stop(timeout=timeout)
 
     def _handle(self, sock, address):
+        source = address[0] if address else "?"
+        if not self.handshakes.admit(source, self.log, "TLS handshakes"):
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             tls_socket, identity = _handshake(sock, self.contexts.server_context, True, self.handshake_timeout, address)
@@ -374,6 +393,7 @@ class TLSServer:
             self.log.warning("refused %s: %s", format_address(address), _reason(error))
             return
         finally:
+            self.handshakes.release(source)
             with contextlib.suppress(OSError):
                 sock.close()
         refusal = self.contexts.refusal(identity)
