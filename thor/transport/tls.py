@@ -333,10 +333,10 @@ class TLSServer:
 
     The handler owns the socket; it is closed when the handler returns. At
     most max_connections handlers (handshakes included) run at once; beyond
-    that new connections wait in the listen backlog. At most
-    max_handshakes_per_source handshakes from one IP address run at once; the
-    connections beyond are closed at once, so that idle sockets from one
-    stranger cannot keep the members out.
+    that new connections wait in the listen backlog. With
+    max_handshakes_per_source, at most that many handshakes from one IP address
+    run at once; the connections beyond are closed at once, so that idle
+    sockets from one stranger cannot keep the members out.
     """
 
     def __init__(
@@ -347,13 +347,13 @@ class TLSServer:
         handshake_timeout=5.0,
         max_connections=10000,
         name="tls",
-        max_handshakes_per_source=16,
+        max_handshakes_per_source=None,
     ):
         self.contexts = contexts
         self.handler = handler
         self.handshake_timeout = handshake_timeout
         self.log = logging.getLogger(f"thor.{name}")
-        self.handshakes = SourceLimit(max_handshakes_per_source)
+        self.handshakes = SourceLimit(max_handshakes_per_source) if max_handshakes_per_source else None
         self.connections = {}
         self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
         self._server.reuse_addr = 1
@@ -379,7 +379,7 @@ class TLSServer:
 
     def _handle(self, sock, address):
         source = address[0] if address else "?"
-        if not self.handshakes.admit(source, self.log, "TLS handshakes"):
+        if self.handshakes is not None and not self.handshakes.admit(source, self.log, "TLS handshakes"):
             with contextlib.suppress(OSError):
                 sock.close()
             return
@@ -393,7 +393,8 @@ class TLSServer:
             self.log.warning("refused %s: %s", format_address(address), _reason(error))
             return
         finally:
-            self.handshakes.release(source)
+            if self.handshakes is not None:
+                self.handshakes.release(source)
             with contextlib.suppress(OSError):
                 sock.close()
         refusal = self.contexts.refusal(identity)
