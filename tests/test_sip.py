@@ -13,6 +13,7 @@ from thor.loopback.pki import ScratchPKI
 from thor.loopback.postgresql import PostgreSQL
 from thor.loopback.process import free_port, wait_for
 from thor.loopback.sipp import Sipp, thor_vias_of_invites
+from thor.sip.service import SipService, UnavailableError
 
 NODES = ("node1", "node2", "node3")
 ADDRESSES = [NODE_ADDRESSES[name] for name in NODES]
@@ -147,3 +148,22 @@ def test_password_changes_disabling_and_deleting_reach_every_proxy(network):
     soap.deleteAccount({"username": "frank", "domain": DOMAIN})
     unknown = (403, "Unknown Subscriber")
     wait_for(lambda: register(5060, "frank", DOMAIN, "a-new-password", host=ADDRESSES[2]) == unknown, 10)
+
+
+def test_a_node_that_has_not_loaded_its_accounts_says_it_cannot_answer_rather_than_no():
+    """Kamailio remembers a domain's "no" for a second: before its first load, thor-node (which has
+    heard of no domain yet) answers 503, which Kamailio does not remember."""
+
+    class Accounts:
+        loads = 0
+
+        def serves(self, domain):
+            return domain == "example.com" and self.loads > 0
+
+    accounts = Accounts()
+    service = SipService("127.0.0.11", None, None, accounts, None, None)
+    with pytest.raises(UnavailableError, match="not loaded yet"):
+        service.serves("example.com")
+    accounts.loads = 1
+    assert service.serves("example.com") is True
+    assert service.serves("other.example") is False

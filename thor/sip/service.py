@@ -59,7 +59,13 @@ class SipService:
         return self.rings.table.is_online(address, roles.SIP_PROXY)
 
     def serves(self, domain):
-        return self.accounts.serves(domain)
+        """Whether domain is provisioned. UnavailableError until the accounts were loaded once: the
+        SIP proxy remembers a 'no' for a while, and a node just started has not heard of any domain."""
+        if self.accounts.serves(domain):
+            return True
+        if self.accounts.loads == 0:
+            raise UnavailableError("the accounts are not loaded yet")
+        return False
 
     # -- questions, answered here or by the home node -----------------------------------
 
