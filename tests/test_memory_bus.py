@@ -183,19 +183,28 @@ def test_a_change_reaches_only_the_node_that_owns_its_key(bus):
     assert not held(cache1) & held(cache2)
 
 
-def test_a_link_reconnected_on_purpose_is_back_at_once_however_often_it_failed_before(bus):
-    """A renewed certificate moves each link to a new connection (ServerLink.reconnect()): that
-    link does not wait out the backoff its earlier failures built up."""
-    client = bus.client("node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30))
+def connected_after_six_failures(bus, **settings):
+    """node1's client, connected again after its server was away for six reconnect attempts (its
+    backoff built up to 3.2 s); and the list its connection attempts are counted in."""
+    client = bus.client(
+        "node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30), **settings
+    )
     attempts = []
     connect = client.connect
     client.connect = lambda *args, **kwargs: attempts.append(1) or connect(*args, **kwargs)
     client.start()
     assert client.wait_connected(1, timeout=5)
     bus.kill_server("es1")
-    wait_for(lambda: len(attempts) >= 7, 10, message="six failed reconnects")  # the backoff at 3.2 s
+    wait_for(lambda: len(attempts) >= 7, 10, message="six failed reconnects")
     bus.add_server("es1")
     assert client.wait_connected(1, timeout=10)
+    return client, attempts
+
+
+def test_a_link_reconnected_on_purpose_is_back_at_once_however_often_it_failed_before(bus):
+    """A renewed certificate moves each link to a new connection (ServerLink.reconnect()): that
+    link does not wait out the backoff its earlier failures built up."""
+    client, attempts = connected_after_six_failures(bus)
     before = len(attempts)
     client.links[("es1", 8000)].reconnect()
     # Without the reset: the next attempt after 3.2 s (x0.5-1.5); now after 0.05 s.
@@ -205,18 +214,7 @@ def test_a_link_reconnected_on_purpose_is_back_at_once_however_often_it_failed_b
 def test_a_link_whose_connection_held_is_back_at_once_when_its_server_restarts(bus):
     """Failures long ago leave no backoff behind once a connection held (stable_session); one cut
     soon after it came up (a slow consumer, an overloaded server) goes on backing off."""
-    client = bus.client(
-        "node1", {roles.SIP_PROXY}, "127.0.0.11", servers=[("es1", 8000)], backoff=(0.05, 30), stable_session=0.5
-    )
-    attempts = []
-    connect = client.connect
-    client.connect = lambda *args, **kwargs: attempts.append(1) or connect(*args, **kwargs)
-    client.start()
-    assert client.wait_connected(1, timeout=5)
-    bus.kill_server("es1")
-    wait_for(lambda: len(attempts) >= 7, 10, message="six failed reconnects")  # the backoff at 3.2 s
-    bus.add_server("es1")
-    assert client.wait_connected(1, timeout=10)
+    client, attempts = connected_after_six_failures(bus, stable_session=0.5)
     link = client.links[("es1", 8000)]
     # Cut soon after it came up: the next attempt waits out the backoff built up (6.4 s x 0.5-1.5).
     before = len(attempts)
