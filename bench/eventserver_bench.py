@@ -163,9 +163,16 @@ def many_members(endpoint, pki, server_pid, count=1000, concurrency=50):
 
 def start_eventserver(directory, pki, name):
     """An event server with the default timers, room for the members' connections (all from one
-    address here: no per-address handshake limit)."""
+    address and of one certificate here: no per-address handshake limit, no per-name limit)."""
     server = EventServerProcess(
-        directory, pki, name, keepalive=1, idle_timeout=3, max_connections=5000, max_handshakes_per_source=5000
+        directory,
+        pki,
+        name,
+        keepalive=1,
+        idle_timeout=3,
+        max_connections=5000,
+        max_handshakes_per_source=5000,
+        max_connections_per_name=5000,
     )
     server.wait_ready(20)
     return server

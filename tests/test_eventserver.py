@@ -1,16 +1,19 @@
 """thor-eventserver as real processes on loopback, members as in-process EventClients or processes."""
 
+import contextlib
 import json
 import os
 import struct
 import time
 
+import gevent
 import pytest
 from gevent import socket
 
 from thor.accounts.protocol import PROVISIONING, accounts_topic
-from thor.events import protocol
+from thor.events import protocol, topics
 from thor.events.topics import CONNECTIONS, MEMBERS, PRESENCE
+from thor.identity import Identity
 from thor.loopback.network import Recorder, event_client, start_eventservers
 from thor.loopback.process import Program, free_port, tls_values, wait_for
 from thor.transport.tls import TLSContexts, TLSError, connect
@@ -501,3 +504,132 @@ def test_a_strangers_idle_sockets_keep_no_member_out(pki, cluster):
     finally:
         for stranger in flood:
             stranger.close()
+
+
+def publisher_connection(pki, server, name, roles, address):
+    """A raw member connection of name (certificate naming address) that said hello; None if refused."""
+    tls_socket, _ = connect(server.endpoint, pki.contexts(name, roles, address=address))
+    tls_socket.settimeout(5)
+    tls_socket.sendall(HELLO)
+    frames = read_frames(tls_socket)
+    if not frames or frames[0]["type"] != "hello":
+        tls_socket.close()
+        return None
+    return tls_socket
+
+
+def test_one_certificates_padded_presence_flood_cannot_cut_a_subscribing_manager(pki, cluster):
+    """17 connections of one media_relay certificate, each retaining a 250 KB Presence, used to
+    push a manager subscribing to Thor.Presence over its 4 MiB send queue: it was cut as a slow
+    consumer on every reconnect and the network status froze. Now a Presence carries an entity
+    and nothing else, within 32 KiB, and one name holds at most 16 connections to a server."""
+    start, clients = cluster
+    (server,) = start(1)
+    padded = {"name": "relay1", "address": "127.0.0.31", "roles": ["media_relay"], "padding": "x" * 250_000}
+    flood, answers, refused = [], [], []
+
+    def keep_alive(connection):
+        # What a member does: ping within the keepalive, read what comes.
+        try:
+            while True:
+                connection.sendall(protocol.encode({"type": "ping"}))
+                with contextlib.suppress(TimeoutError):
+                    connection.recv(65536)
+                gevent.sleep(0.3)
+        except OSError:
+            return
+
+    try:
+        for index in range(17):
+            connection = publisher_connection(pki, server, "relay1", "media_relay", "127.0.0.31")
+            if connection is None:
+                refused.append(index)
+                continue
+            publish = {"type": "publish", "topic": PRESENCE, "session": f"s{index}", "seq": 1, "retain": True}
+            connection.sendall(protocol.encode(dict(publish, body=padded)) + protocol.encode({"type": "ping"}))
+            frames = read_frames(connection)
+            while frames[-1]["type"] != "pong":
+                frames += read_frames(connection)
+            answers.append(frames)
+            connection.settimeout(0.1)
+            flood.append((connection, gevent.spawn(keep_alive, connection)))
+        manager = event_client(pki, "manager1", "thor_manager", [server])
+        clients.append(manager)
+        presence = Recorder()
+        manager.subscribe(PRESENCE, presence)
+        settle(manager)
+        assert manager.connected_servers == ["es1"]
+        assert "disconnecting manager1" not in server.log()
+        assert "relay1" not in {message.body.get("name") for message in presence.messages}
+        for frames in answers:
+            assert [frame["type"] for frame in frames] == ["error", "pong"], frames
+            assert frames[0]["code"] == "forbidden" and "presence" in frames[0]["message"]
+        assert len(flood) == 16 and refused == [16]
+        assert "relay1 has 16 connections to this server already (at most 16 per name)" in server.log()
+    finally:
+        for connection, pinger in flood:
+            pinger.kill()
+            connection.close()
+
+
+def test_a_catch_up_larger_than_the_send_queue_reaches_the_subscriber_whole_and_in_order(pki, cluster):
+    """What a new subscriber is owed (every connection's retained frames) is queued at once; past
+    the send queue's bound it used to cut the subscriber as a slow consumer, so a network whose
+    retained presence outgrew 4 MiB could never get a manager in. A catch-up now goes out whole,
+    and only what is queued beyond it counts against the bound."""
+    start, clients = cluster
+    (server,) = start(1, send_queue_limit=65536)
+    publishers = [event_client(pki, f"node{index}", "sip_proxy", [server]) for index in range(6)]
+    clients.extend(publishers)
+    for index, publisher in enumerate(publishers):
+        for part in range(4):  # 4 retained topics of 20 KB each: 480 KB in all, 7 times the bound
+            publisher.publish(f"App.R{part}", {"from": index, "blob": "x" * 20000}, retain=True)
+    settle(*publishers)
+    subscriber = event_client(pki, "manager1", "thor_manager", [server])
+    clients.append(subscriber)
+    received = Recorder()
+    for part in range(4):
+        subscriber.subscribe(f"App.R{part}", received)
+    wait_for(lambda: len(received.messages) == 24, timeout=10, message="24 retained frames")
+    settle(subscriber)
+    assert subscriber.connected_servers == ["es1"]
+    assert "disconnecting manager1" not in server.log()
+    assert sorted((m.topic, m.body["from"]) for m in received.messages) == sorted(
+        (f"App.R{part}", index) for part in range(4) for index in range(6)
+    )
+    # Asking for the same catch-up again while the first is still queued counts against the
+    # bound: a member that subscribes over and over without reading is cut, and nobody else.
+    greedy = raw_member(pki, server, "node9")
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    subscribe = protocol.encode({"type": "subscribe", "topics": ["App.R0"]})
+    greedy.sendall(HELLO + subscribe + protocol.encode({"type": "subscribe", "topics": ["App.R0", "App.R0"]}))
+    server.wait_log("disconnecting node9 (127.0.0.1:", timeout=10)
+    assert "does not keep up" in server.log().split("disconnecting node9", 1)[1].splitlines()[0]
+    greedy.close()
+    settle(subscriber, *publishers)
+    assert subscriber.connected_servers == ["es1"]
+
+
+def entity(**changes):
+    fields = {"name": "node1", "address": "127.0.0.21", "roles": ["sip_proxy"], "version": "1", "since": 1.0}
+    return {**fields, "status": "ok", "attributes": {"port": 5060}, "withdrawn": {}, **changes}
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        (entity(), None),
+        # The largest entity the manager accepts (thor.membership.entity) still passes.
+        (entity(attributes={f"{n:0256d}": "v" * 256 for n in range(32)}), None),
+        (entity(padding="x"), "presence carries fields an entity has not: padding"),
+        (entity(attributes={"blob": "x" * 40000}), "presence is larger than 32768 bytes"),
+        (entity(address="192.0.2.66"), "presence address 192.0.2.66 is not the one certificate of node1 names"),
+    ],
+)
+def test_a_presence_carries_an_entity_of_bounded_size(body, refusal):
+    identity = Identity("node1", {"sip_proxy"}, 1, ("127.0.0.1", 1), addresses=("127.0.0.21",))
+    if refusal is None:
+        topics.authorize_publish(identity, PRESENCE, body)
+    else:
+        with pytest.raises(topics.ForbiddenError, match=refusal):
+            topics.authorize_publish(identity, PRESENCE, body)

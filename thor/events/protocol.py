@@ -99,7 +99,9 @@ def _check_publish(message):
         raise ProtocolError(INVALID, "publish: session must be 1 to 64 letters, digits, '_' or '-'")
     if _require(message, "seq", int) < 1:
         raise ProtocolError(INVALID, "publish: seq must be a positive integer")
-    if message.get("retain", False) not in RETAIN_VALUES:
+    retain = message.get("retain", False)
+    # Compared by identity too: 1 and 0.0 equal True and False, but are no retain value.
+    if not any(retain is value or (isinstance(retain, str) and retain == value) for value in RETAIN_VALUES):
         raise ProtocolError(INVALID, 'publish: retain must be true, false or "append"')
     _require(message, "deliver", bool, optional=True)
     if "body" not in message:

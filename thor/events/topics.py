@@ -11,6 +11,7 @@ be read by every member; an application may restrict who reads its own.
 """
 
 import ipaddress
+import json
 
 from thor import roles
 
@@ -47,10 +48,23 @@ class ForbiddenError(Exception):
     """The publisher may not publish this; str() says why."""
 
 
+# What a presence may hold: an entity (thor.membership.entity) and nothing else, within a size
+# that the largest valid entity (32 attributes and 32 withdrawn roles of 256 characters) stays
+# under. Every subscriber of Thor.Presence gets every member's at once, so padding would be
+# multiplied by the network's size in each new manager's catch-up.
+PRESENCE_FIELDS = frozenset({"name", "address", "roles", "version", "status", "since", "attributes", "withdrawn"})
+MAX_PRESENCE_BYTES = 32 << 10
+
+
 def _own_entity(identity, body):
     """Presence: a member speaks for itself, with roles its certificate grants."""
     if not isinstance(body, dict) or body.get("name") != identity.name:
         raise ForbiddenError(f"presence must carry the publisher's own name {identity.name!r}")
+    unknown = set(body) - PRESENCE_FIELDS
+    if unknown:
+        raise ForbiddenError(f"presence carries fields an entity has not: {', '.join(sorted(map(str, unknown)))}")
+    if len(json.dumps(body)) > MAX_PRESENCE_BYTES:
+        raise ForbiddenError(f"presence is larger than {MAX_PRESENCE_BYTES} bytes")
     announced = body.get("roles")
     if not isinstance(announced, list) or not all(isinstance(role, str) for role in announced):
         raise ForbiddenError("presence roles must be a list of role names")

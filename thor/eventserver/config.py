@@ -35,6 +35,12 @@ class EventServerConfig(Section):
         "TLS handshakes under way at once from one IP address; connections beyond are closed at once (so that "
         "one stranger's idle sockets cannot take every slot).",
     )
+    max_connections_per_name = Setting(
+        Integer(1, 1000000),
+        "16",
+        "Connections one certificate name may hold at once (the programs of one host share its certificate); "
+        "beyond, the hello is refused (so that one stolen certificate cannot take every slot).",
+    )
     max_subscriptions = Setting(Integer(1, 100000), "256", "Topics one connection may subscribe to.")
     max_retained = Setting(Integer(0, 10000), "16", "Retained topics one connection may hold on the server.")
     max_retained_bytes = Setting(

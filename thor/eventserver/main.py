@@ -42,6 +42,7 @@ class EventServerDaemon(Daemon):
             send_queue_limit=config.send_queue_limit,
             max_connections=config.max_connections,
             max_handshakes_per_source=config.max_handshakes_per_source,
+            max_connections_per_name=config.max_connections_per_name,
             max_subscriptions=config.max_subscriptions,
             max_retained=config.max_retained,
             max_retained_bytes=config.max_retained_bytes,

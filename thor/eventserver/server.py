@@ -59,6 +59,7 @@ class Limits:
         send_queue_limit=4 << 20,
         max_connections=10000,
         max_handshakes_per_source=16,
+        max_connections_per_name=16,
         max_subscriptions=256,
         max_retained=16,
         max_sessions=8,
@@ -72,6 +73,7 @@ class Limits:
         self.send_queue_limit = send_queue_limit
         self.max_connections = max_connections
         self.max_handshakes_per_source = max_handshakes_per_source
+        self.max_connections_per_name = max_connections_per_name
         self.max_subscriptions = max_subscriptions
         self.max_retained = max_retained
         self.max_sessions = max_sessions
@@ -89,6 +91,7 @@ class Connection:
         self.subscriptions = set()
         self.sessions = set()
         self.retained = {}  # topic -> [frame]: one, or a log's in order (retain "append")
+        self.catch_ups = {}  # topic -> the writer's batch count when its last catch-up was queued
         self.registered = False
         self.crl_refused = -CRL_OFFER_INTERVAL  # when the server last refused its CRL offer
         self.writer = QueuedWriter(tls_socket, server.limits.send_queue_limit, on_overflow=self._overflow)
@@ -116,6 +119,17 @@ class Connection:
     def send(self, frame):
         self.writer.send(frame)
 
+    def catch_up(self, topic, frames):
+        """Queue what a subscription of topic is owed at once. It may go beyond the send queue's
+        bound: it is what the server holds already, and a network's retained presence outgrows any
+        bound chosen for live traffic. Not when the previous catch-up of topic is still queued:
+        a member that asks again and again without reading is cut as any slow consumer."""
+        previous = self.catch_ups.get(topic)
+        beyond_bound = previous is None or previous < self.writer.batches
+        self.catch_ups[topic] = self.writer.batches
+        for frame in frames:
+            self.writer.send(frame, catch_up=beyond_bound)
+
     def refuse(self, code, message, **details):
         """An error frame for a request that is refused; the connection stays open."""
         self.send(ProtocolError(code, message, **details).frame())
@@ -134,6 +148,7 @@ class EventServer:
         self.limits = limits or Limits()
         self.topics = collections.defaultdict(set)
         self.connections = {}
+        self.names = collections.Counter()  # connections per certificate name
         self.session = os.urandom(8).hex()
         self._sequence = itertools.count(1)
         self._connection_ids = itertools.count(1)
@@ -244,6 +259,14 @@ class EventServer:
                     protocol.UNSUPPORTED_VERSION,
                     f"protocol version {message['version']} is not supported (this server speaks {PROTOCOL_VERSION})",
                     supported=[PROTOCOL_VERSION],
+                )
+            name = connection.identity.name
+            if self.names[name] >= self.limits.max_connections_per_name:
+                # One certificate (a stolen one, say) cannot take every slot or retain without end.
+                raise ProtocolError(
+                    protocol.LIMIT,
+                    f"{name} has {self.names[name]} connections to this server already "
+                    f"(at most {self.limits.max_connections_per_name} per name)",
                 )
             connection.send(
                 protocol.encode(
@@ -388,7 +411,7 @@ class EventServer:
         for topic in names:
             if topic in connection.subscriptions:
                 # Subscribing again asks for what is retained again (a member that lost track).
-                self._send_retained(connection, topic)
+                self._catch_up(connection, topic)
                 continue
             try:
                 topics.authorize_subscribe(connection.identity, topic)
@@ -401,20 +424,23 @@ class EventServer:
                 return
             connection.subscriptions.add(topic)
             self.topics[topic].add(connection)
-            if topic == topics.PRESENCE and self._presence_frame is not None:
-                connection.send(self._presence_frame)
-            if topic == topics.CRL and self._crl_frame is not None:
-                connection.send(self._crl_frame[1])
-            if topic == topics.CONNECTIONS:
-                members = [other.describe() for other in self.connections.values()]
-                snapshot = {"event": "snapshot", "server": self.name, "session": self.session, "members": members}
-                connection.send(self._event_frame(snapshot))
-            self._send_retained(connection, topic)
+            self._catch_up(connection, topic, first=True)
 
-    def _send_retained(self, connection, topic):
-        for other in tuple(self.connections.values()):
-            for frame in other.retained.get(topic, ()):
-                connection.send(frame)
+    def _catch_up(self, connection, topic, first=False):
+        """What a subscriber of topic is owed: every connection's retained frames, and on its first
+        subscription the server's own (its presence, the CRL, the snapshot of its connections)."""
+        frames = []
+        if first and topic == topics.PRESENCE and self._presence_frame is not None:
+            frames.append(self._presence_frame)
+        if first and topic == topics.CRL and self._crl_frame is not None:
+            frames.append(self._crl_frame[1])
+        if first and topic == topics.CONNECTIONS:
+            members = [other.describe() for other in self.connections.values()]
+            snapshot = {"event": "snapshot", "server": self.name, "session": self.session, "members": members}
+            frames.append(self._event_frame(snapshot))
+        for other in self.connections.values():
+            frames.extend(other.retained.get(topic, ()))
+        connection.catch_up(topic, frames)
 
     def _drop_subscription(self, connection, topic):
         connection.subscriptions.discard(topic)
@@ -427,6 +453,7 @@ class EventServer:
     def _register(self, connection):
         connection.registered = True
         self.connections[connection.id] = connection
+        self.names[connection.identity.name] += 1
         log.info("%s connected with roles %s", connection, ",".join(sorted(connection.identity.roles)))
         self._deliver(
             topics.CONNECTIONS,
@@ -438,6 +465,9 @@ class EventServer:
             self._drop_subscription(connection, topic)
         if self.connections.pop(connection.id, None) is None:
             return
+        self.names[connection.identity.name] -= 1
+        if not self.names[connection.identity.name]:
+            del self.names[connection.identity.name]
         connection.retained.clear()
         log.info("%s disconnected", connection)
         self._deliver(

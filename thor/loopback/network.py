@@ -110,6 +110,24 @@ class Overlay:
         self.eventservers.append(server)
         return server
 
+    def restart_eventserver(self, index, **settings):
+        """Start event server index again, on its name and port, once it has ended (not waiting
+        for it: wait_ready())."""
+        old = self.eventservers[index]
+        assert old.process.poll() is not None, f"{old.name} still runs"
+        self.eventservers[index] = EventServerProcess(
+            self.directory,
+            self.pki,
+            old.name,
+            old.address,
+            old.port,
+            self.python,
+            self.own_crl,
+            self.tls_settings,
+            **settings,
+        )
+        return self.eventservers[index]
+
     def start_eventservers(self, count=3, **settings):
         for index in range(count):
             self.eventserver(f"es{index + 1}", **settings)

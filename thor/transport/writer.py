@@ -3,7 +3,10 @@
 Writers never block the caller: frames are queued and a dedicated greenlet
 sends everything queued in one write (fewer TLS records and system calls).
 The queue is bounded in bytes; send() on a full queue returns False and calls
-on_overflow once, so the owner can cut off a peer that does not keep up.
+on_overflow once, so the owner can cut off a peer that does not keep up. A
+catch-up (what a peer is owed at once, however large) may go beyond the bound:
+send(frame, catch_up=True) raises the bound by its size until the sending
+greenlet takes it, so that only what is queued after it counts.
 """
 
 import collections
@@ -25,13 +28,17 @@ class QueuedWriter:
         self.closed = False
         self._queue = collections.deque()
         self._queued_bytes = 0
+        self._catch_up_bytes = 0  # queued beyond the bound, by send(catch_up=True)
+        self.batches = 0  # how many times the sending greenlet took the queue
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
 
-    def send(self, frame):
+    def send(self, frame, catch_up=False):
         if self.closed:
             return False
-        if self._queued_bytes + len(frame) > self.limit:
+        if catch_up:
+            self._catch_up_bytes += len(frame)
+        elif self._queued_bytes + len(frame) > self.limit + self._catch_up_bytes:
             self.closed = True
             if self.on_overflow is not None:
                 self.on_overflow()
@@ -50,7 +57,8 @@ class QueuedWriter:
                 if self._queue:
                     batch = b"".join(self._queue)
                     self._queue.clear()
-                    self._queued_bytes = 0
+                    self._queued_bytes = self._catch_up_bytes = 0
+                    self.batches += 1
                     self.socket.sendall(batch)
                 if self.closed and not self._queue:
                     return
