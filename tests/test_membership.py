@@ -15,6 +15,7 @@ import pytest
 from thor.loopback.kamailio import Kamailio
 from thor.loopback.network import EventServerProcess, Overlay, members, wait_status
 from thor.loopback.process import free_port, wait_for
+from thor.loopback.proxy import CuttableRelay
 
 EVERYONE = {"manager1", "manager2", "node1", "node2"}
 
@@ -177,6 +178,80 @@ def test_event_servers_restarted_one_then_all_three_the_status_recovers_whole(ov
     assert status.manager == "manager1"
     versions = [status.version for status in changes]
     assert versions == sorted(versions)
+
+
+def test_managers_split_between_event_servers_then_healed_converge_on_one_status(overlay):
+    """Fault: two event servers, manager1 cut from es2 and manager2 from es1 (routes lost: silence,
+    no reset), the nodes still on both. Each manager sees the other leave, and both are active for
+    the split: a member follows the status through one server, so it sees the manager on that
+    side, and its versions only grow. Healed, manager2 stands down and, with no operator action,
+    every member's status from then on is manager1's and lists everyone (docs/membership.md, "A
+    split between managers")."""
+    overlay.start_eventservers(2, keepalive=1, idle_timeout=3)
+    es1, es2 = overlay.eventservers
+    to_es2, to_es1 = CuttableRelay(es2.endpoint), CuttableRelay(es1.endpoint)
+    try:
+        for name, address, endpoints in (
+            ("manager1", "127.0.1.1", [es1.endpoint, to_es2.endpoint]),
+            ("manager2", "127.0.1.2", [to_es1.endpoint, es2.endpoint]),
+        ):
+            servers = ", ".join(f"{host}:{port}" for host, port in endpoints)
+            network = dict(overlay.network(), event_servers=servers)
+            overlay.start(name, "thor.manager.main", "thor_manager", address, ThorNetwork=network)
+            overlay.programs[name].wait_log("thor-manager 0.1.0 started")
+        overlay.node("node1", "sip_proxy,media_relay", "127.0.0.11")
+        overlay.node("node2", "sip_proxy,xcap_server", "127.0.0.12")
+        observers = {
+            "es1 side": overlay.observer("observer1", [es1]),
+            "es2 side": overlay.observer("observer2", [es2]),
+            "both": overlay.observer("observer3", [es1, es2]),
+        }
+        seen = {}
+        for side, observer in observers.items():
+            wait_status(observer, lambda s: members(s) >= EVERYONE and s.manager == "manager1", message=side)
+            seen[side] = []
+            observer.status.on_change(lambda old, new, side=side: seen[side].append(new))
+        manager1, manager2 = overlay.programs["manager1"], overlay.programs["manager2"]
+
+        to_es2.cut()
+        to_es1.cut()
+        manager2.wait_log("this manager is now the active manager", timeout=15)
+        split = {"es1 side": "manager1", "es2 side": "manager2"}
+        for side, manager in split.items():
+            wait_status(
+                observers[side],
+                lambda s, manager=manager: (
+                    s.manager == manager
+                    and s.roles.get("thor_manager") == (manager,)
+                    and {"node1", "node2"} <= members(s)
+                ),
+                timeout=10,
+                message=f"{manager}'s status on the {side}, without the other manager",
+            )
+
+        to_es2.heal()
+        to_es1.heal()
+        healed = time.monotonic()
+        manager2.wait_log("standing by; the active manager is manager1", timeout=15)
+        for side, observer in observers.items():
+            # Whole and manager1's: only after the heal (during the split, no side lists both managers).
+            def whole(status):
+                return status.manager == "manager1" and members(status) >= EVERYONE
+
+            wait_status(observer, whole, timeout=15, message=f"manager1's whole status after the heal, {side}")
+            assert observer.client.sync()  # what the servers hold has reached it: nothing else won
+            settled = seen[side][next(index for index, status in enumerate(seen[side]) if whole(status)) :]
+            assert all(whole(status) for status in settled), (
+                side,
+                [(s.version, s.manager, sorted(members(s))) for s in settled],
+            )
+            versions = [status.version for status in seen[side]]
+            assert versions == sorted(versions) and len(set(versions)) == len(versions), side
+        print(f"one status everywhere {time.monotonic() - healed:.1f}s after the heal")
+        assert manager1.log().count("this manager is now the active manager") == 1  # it never stood down
+    finally:
+        to_es2.close()
+        to_es1.close()
 
 
 def test_status_version_only_grows(overlay):

@@ -315,6 +315,29 @@ def test_a_cache_applies_changes_in_order_and_refuses_what_does_not_follow():
     assert cache.update({"kind": "changes", "version": "7"}) is False  # malformed: ignored, logged
 
 
+def test_after_a_split_the_chain_asked_for_is_built_on_unseen_until_it_is_newer_than_the_held_one():
+    """Healed split: a member holds the standing-down manager's status (chain B, v200); the manager
+    that stays active has chain A, whose snapshot is older (v100). The member asks for A after the
+    gap, and used to show A's v100 at once: a step back in versions, to a status it had left. Now it
+    builds on A unseen and shows it once A is newer; versions only grow."""
+    cache, shown, gaps = StatusCache(), [], []
+    cache.on_change(lambda old, new: shown.append(new.version))
+    cache.on_gap = lambda: gaps.append(True)
+    for body in snapshot_bodies(status_of(3, version=200, chain="B")):
+        cache.update(body)
+    older = status_of(4, version=100, chain="A")
+    step = NetworkStatus(150, "manager1", status_of(5).members, chain="A")
+    newer = NetworkStatus(250, "manager1", status_of(6).members, chain="A")
+    log = [*snapshot_bodies(older), changes_body(older, step), changes_body(step, newer)]
+    # A's log arrives: older than what is held until its last change, which does not follow B.
+    assert [cache.update(body) for body in log] == [False, False, False]
+    assert gaps and cache.status.chain == "B"
+    # Asked again, the server hands A's whole log: built on unseen, shown once newer.
+    assert [cache.update(body) for body in log] == [False, False, True]
+    assert cache.status.version == 250 and cache.status.members == newer.members
+    assert shown == [200, 250]
+
+
 def test_the_first_designs_whole_status_is_still_understood():
     whole = status_of(3)
     cache = StatusCache()

@@ -171,11 +171,12 @@ class Overlay:
         program.peers = _endpoint(node["peer_listen"])
         return program
 
-    def observer(self, name="observer"):
-        """An in-process member that only follows the network status."""
+    def observer(self, name="observer", servers=None):
+        """An in-process member that only follows the network status (through servers: those
+        event servers only, of self.eventservers)."""
         client = EventClient(
             self.pki.contexts(name, roles.MONITOR),
-            servers=[server.endpoint for server in self.eventservers],
+            servers=[server.endpoint for server in servers or self.eventservers],
             backoff=(0.1, 1),
         )
         member = OverlayMember(client, name, None, announce=False)

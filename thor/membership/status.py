@@ -342,6 +342,7 @@ class StatusCache:
         self._changed = Event()
         self._assemblies = {}  # (chain, version) -> {"head": header, "parts": n, "entries": {part: entries}}
         self._wanted_chain = None  # after a gap: the chain whose snapshot we take whatever its version
+        self._catching_up = None  # the wanted chain's status while older than the held one (not shown)
         self._asked = -GAP_RETRY
 
     def on_change(self, callback):
@@ -369,7 +370,10 @@ class StatusCache:
         previous = _count(body, "previous", 0, header["version"] - 1)
         self.received = time.time()
         held = self.status
-        if header["version"] <= held.version:
+        catching_up = self._catching_up
+        if catching_up is not None and (header["chain"], previous) == (catching_up.chain, catching_up.version):
+            held = catching_up  # the wanted chain's next step, still older than what is shown
+        elif header["version"] <= held.version:
             return False  # held already (a copy through another event server, or replayed)
         if header["chain"] != held.chain or previous != held.version:
             self._gap(header["chain"], f"changes v{previous}->v{header['version']} while holding v{held.version}")
@@ -439,8 +443,15 @@ class StatusCache:
         self.received = time.time()
         if not self._newer(status.chain, status.version):
             return False
+        if status.version <= self.status.version:
+            # The chain we asked for, older than what we show: after a split, the manager that
+            # stays active may have published lower versions than the one that stood down. Built
+            # on until it is newer (its manager outbids the other's), so that versions shown here
+            # only grow and no member steps back to a status it had left.
+            self._catching_up = status
+            return False
         if status.chain == self._wanted_chain:
-            self._wanted_chain = None
+            self._wanted_chain = self._catching_up = None
         old, self.status = self.status, status
         self._changed.set()
         self._changed = Event()
