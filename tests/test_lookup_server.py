@@ -11,10 +11,12 @@ import gevent
 import gevent.event
 import pytest
 from gevent import socket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from thor.lookup.client import LookupClient, LookupClientError
 from thor.lookup.ring import HashRing
-from thor.lookup.server import LookupServer
+from thor.lookup.server import LookupServer, answer
 from thor.lookup.table import LookupTable, RingFollower
 from thor.loopback.process import wait_for
 from thor.membership.entity import make_entity
@@ -85,6 +87,39 @@ def test_errors_are_one_line_with_a_code(interface, query, code):
         (answer,) = client.query(query)
         assert answer.startswith(f"error {code} "), answer
         assert client.query("version") == ["42"]  # the connection stays usable
+
+
+ERROR_CODES = {"syntax", "no-status", "bad-key", "bad-role", "no-members", "bad-address", "unknown-command"}
+WORDS = ["lookup", "LOOKUP", "is_online", "members", "roles", "version", "for", "as", "sip_proxy", "xcap_server"]
+lines = st.one_of(
+    st.text(max_size=300),
+    st.lists(
+        st.one_of(
+            st.sampled_from([*WORDS, "10.0.0.1", "alice@example.com", "sip:bob@example.com"]), st.text(max_size=40)
+        ),
+        max_size=6,
+    ).map(" ".join),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(lines)
+def test_any_line_gets_one_answer_line_a_right_value_or_a_coded_error(line):
+    """Fuzz: whatever a client sends, one line back, never an exception: an error with its code,
+    or the value the table holds."""
+    reply = answer(TABLE, line)
+    assert isinstance(reply, str) and not set(reply) & {"\r", "\n"} and len(reply) < 512
+    words = line.split()
+    if reply.startswith("error "):
+        assert reply.split()[1] in ERROR_CODES, reply
+    elif words[0].lower() == "lookup":
+        assert reply == TABLE.lookup(words[1], words[3])
+    elif words[0].lower() == "is_online":
+        assert reply == ("Yes" if TABLE.is_online(words[1], words[3]) else "No")
+    elif words[0].lower() == "members":
+        assert reply.split() == list(TABLE.members(words[1]))
+    else:
+        assert (words[0].lower(), reply) in {("version", "42"), ("roles", " ".join(TABLE.roles))}, (line, reply)
 
 
 def test_no_status_yet_is_an_error_not_a_guess():

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import resource
 import socket
 import threading
@@ -13,6 +14,9 @@ import requests
 import zeep
 import zeep.exceptions
 import zeep.transports
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lxml import etree
 
 from thor.accounts.protocol import ACCOUNTS_WANTED, accounts_topic
 from thor.events.topics import ForbiddenError, authorize_publish, authorize_subscribe
@@ -438,6 +442,60 @@ def test_oversized_and_hostile_xml_is_refused_and_ngnpro_goes_on(network):
         assert answer.status_code == 500 and f"<faultcode>soap11env:{code}</faultcode>" in answer.text, answer.text
         assert "lollollol" not in answer.text  # entities are not expanded
     assert soap.getDomains() in (None, [])  # and the next call is served
+    assert network.ngnpro.process.poll() is None
+
+
+FAULT_CODE = re.compile(r"<faultcode>soap11env:([\w.]+)</faultcode>")
+# What a body's elements may be turned into: text of any kind, numbers, nothing, or markup.
+ODD_VALUES = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=80),  # what XML can carry
+    st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(["", "true", "NaN", "-0", "1e999", "a" * 300, "<x>", "&amp;"]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_well_formed_but_wrong_typed_soap_bodies_get_a_client_fault_and_ngnpro_goes_on(network, data):
+    """Fuzz: a valid call's body with its values replaced by text, numbers or markup, elements
+    dropped or added. NGNPro answers it or refuses it with a Client fault (never a Server one:
+    no exception escapes), and keeps serving."""
+    soap = network.client()
+    operation, args = data.draw(
+        st.sampled_from(
+            [
+                ("addDomain", (DOMAIN,)),
+                ("addAccount", (account("fuzz"),)),
+                ("getAccount", ({"username": "fuzz", "domain": DOMAIN},)),
+                ("changePassword", ({"username": "fuzz", "domain": DOMAIN}, "another-password")),
+                ("deleteAccount", ({"username": "fuzz", "domain": DOMAIN},)),
+            ]
+        ),
+        label="operation",
+    )
+    envelope = soap.client.create_message(soap.sip, operation, *args, _soapheaders=[soap.header])
+    body = envelope.find("{http://schemas.xmlsoap.org/soap/envelope/}Body")
+    elements = list(body.iter())[1:]  # the operation's element and everything in it
+    for element in data.draw(st.lists(st.sampled_from(elements), min_size=1, max_size=4, unique=True), label="at"):
+        change = data.draw(st.sampled_from(["text", "drop", "child"]), label="change")
+        if change == "drop" and element.getparent() is not None and element is not elements[0]:
+            element.getparent().remove(element)
+        elif change == "child":
+            etree.SubElement(element, element.tag).text = data.draw(ODD_VALUES, label="child text")
+        else:
+            element.text = data.draw(ODD_VALUES, label="text")
+    payload = etree.tostring(envelope, xml_declaration=True, encoding="utf-8")
+    answer = requests.post(
+        f"https://{NGNPRO_ADDRESS}:{network.port}/ngnpro",
+        data=payload,
+        headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{operation}"'},
+        verify=network.pki.ca.ca_certificate_path,
+        timeout=30,
+    )
+    if answer.status_code != 200:
+        fault = FAULT_CODE.search(answer.text)
+        assert answer.status_code == 500 and fault, answer.text[:500]
+        assert fault.group(1).startswith("Client"), answer.text[:500]
     assert network.ngnpro.process.poll() is None
 
 
