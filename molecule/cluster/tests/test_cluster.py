@@ -329,6 +329,101 @@ def _provisioned(sip, login):
     return True
 
 
+# -- Faults: the database host down, the provisioning server that answers loads killed -----
+
+
+def add_account(sip, login, username, password="molecule-password"):
+    account = {"id": {"username": username, "domain": DOMAIN}, "password": password}
+    sip.addAccount(account, _soapheaders=[login])
+
+
+def owner_of(key):
+    by_address = {address: node for node, address in ADDRESSES.items()}
+    with LookupClient(ADDRESSES["node1"], 9500, timeout=10) as lookup:
+        return by_address[lookup.query(f"lookup sip_proxy for {key}")[0]]
+
+
+def soap_fault(call, *args, **kwargs):
+    """The fault code call answers ('' when it succeeds)."""
+    try:
+        call(*args, **kwargs)
+    except zeep.exceptions.Fault as fault:
+        return fault.code or ""
+    return ""
+
+
+def test_the_database_host_down_refuses_provisioning_and_nodes_and_dns_keep_serving_until_it_is_back():
+    """Fault: ns1 (PostgreSQL, thor-database, an NGNPro, a name server) frozen (docker pause: no
+    answer, no reset). thor2's NGNPro refuses changes with Server.DatabaseUnavailable, the nodes
+    keep the accounts they hold, ns2 keeps answering what it had; once ns1 is back everything
+    recovers, and a change refused during the outage is not there half-applied."""
+    _, sip, login = ngnpro()
+    with _existing_is_fine():
+        add_account(sip, login, "outage-before")
+    before = f"outage-before@{DOMAIN}"
+    holder = owner_of(before)
+    wait_for(lambda: cached_on(holder, before), 30, interval=0.5, message=f"{before} cached on {holder}")
+    subprocess.run(["docker", "pause", "ns1"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        status_where(lambda s: "ns1" not in s["members"], 30, "ns1 gone from the status")
+        refusal = wait_for(
+            lambda: soap_fault(add_account, sip, login, "outage-during"),
+            60,
+            interval=1,
+            message="NGNPro refusing changes",
+        )
+        assert refusal.endswith("Server.DatabaseUnavailable"), refusal
+        assert cached_on(holder, before)["ha1"]  # the node still holds what it loaded
+        assert srv_targets_on("ns2") == NODES  # the other name server still answers
+        assert dns_answer(f"{holder}.{DOMAIN}.", "A", server="ns2") == [ADDRESSES[holder]]
+    finally:
+        subprocess.run(["docker", "unpause", "ns1"], check=True, stdout=subprocess.DEVNULL)
+    status_where(lambda s: "thor_database" in s["roles"], 60, "the database announced again")
+    wait_for(lambda: _provisioned(sip, login), 60, interval=1, message="NGNPro taking changes again")
+    # Refused means not there: no account half-made by the refused call.
+    assert soap_fault(sip.getAccount, {"username": "outage-during", "domain": DOMAIN}, _soapheaders=[login]).endswith(
+        "Client.NotFound"
+    )
+    with _existing_is_fine():
+        add_account(sip, login, "outage-after")
+    after = f"outage-after@{DOMAIN}"
+    wait_for(lambda: cached_on(owner_of(after), after), 30, interval=0.5, message=f"{after} cached once ns1 is back")
+    wait_for(lambda: srv_targets_on("ns1") == NODES, 60, message="ns1's PowerDNS answering again")
+
+
+def srv_targets_on(server):
+    return {line.split()[3].split(".")[0] for line in dns_answer(f"_sip._udp.{DOMAIN}.", "SRV", server=server)}
+
+
+def test_the_provisioning_server_that_answers_loads_killed_a_node_that_joins_afterwards_loads_its_accounts():
+    """Fault: kill -9 the NGNPro that answers the nodes' account loads (the eldest live one).
+    node3, restarted afterwards (its cache empty), loads its share from the other."""
+    _, sip, login = ngnpro()
+    keys = [f"failover{index}@{DOMAIN}" for index in range(30)]
+    for key in keys:
+        with _existing_is_fine():
+            add_account(sip, login, key.split("@")[0])
+    owned = [key for key in keys if owner_of(key) == "node3"]
+    assert owned
+    wait_for(lambda: all(cached_on("node3", key) for key in owned), 30, message="node3 holds its share")
+    current = status()
+    answering = min(
+        current["roles"]["provisioning_server"],
+        key=lambda name: (current["members"][name]["services"]["provisioning_server"]["since"], name),
+    )
+    killed = host(answering)
+    assert killed.run("kill -9 $(supervisorctl pid ngnpro) && supervisorctl stop ngnpro").rc == 0
+    try:
+        status_where(
+            lambda s: answering not in s["roles"].get("provisioning_server", []), 30, f"{answering}'s NGNPro gone"
+        )
+        assert host("node3").run("supervisorctl restart thor-node").rc == 0
+        wait_for(lambda: all(cached_on("node3", key) for key in owned), 60, message="node3 loaded its share again")
+    finally:
+        assert killed.run("supervisorctl start ngnpro").rc == 0
+    status_where(lambda s: answering in s["roles"].get("provisioning_server", []), 60, f"{answering}'s NGNPro back")
+
+
 # -- SIP over the overlay: the controller's sipp devices on the cluster's network -----------
 
 SIP_USERS = [f"sip{index}" for index in range(100)]
