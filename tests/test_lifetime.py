@@ -9,6 +9,7 @@ test moves forward; their monotonic clock, which timers and keepalives use, stay
 import json
 import os
 import shutil
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -253,3 +254,40 @@ def test_a_ca_rollover_moves_every_program_to_the_new_ca_and_no_member_leaves_th
 
 def crl_number(pki):
     return pki.ca.crls()[0].extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_the_rollover_gate_sees_an_event_server_that_takes_its_new_certificate_after_the_gate_started(tmp_path):
+    """What playbooks/ca-rollover.yml waits on before it retires the old CA (thor-monitor --once
+    --issuer) started as soon as the rollout had installed the renewed certificates, before the
+    event servers had reloaded theirs: it knew each server by the certificate of its first
+    handshake and waited out its 300 s (molecule, CI). Now it connects again to a server that
+    presented another CA's certificate, and passes once the server has taken the new one up."""
+    pki = ScratchPKI(tmp_path / "ca")
+    # The programs reload their files on SIGHUP only: the test decides who has the new certificate.
+    overlay = Overlay(tmp_path, pki, tls_settings={"crl_check_interval": 3600})
+    try:
+        overlay.start_eventservers(1)
+        overlay.manager("manager1")
+        overlay.node("node1", roles.SIP_PROXY, "127.0.0.21")
+        overlay.wait_started()
+        member_programs = list(overlay.programs.values())
+        everyone = [*overlay.eventservers, *member_programs]
+
+        def reload(programs, text):
+            for program in programs:
+                program.signal(signal.SIGHUP)
+            wait_for(lambda: all(program.log().count(text) for program in programs), 20, message=text)
+
+        pki.ca.rollover_begin()
+        reload(everyone, "TLS files reloaded (2 trusted CAs")
+        new_ca = common_name(pki.ca.trusted()[1])
+        pki.ca.rollover_switch()
+        pki.ca.renew(timedelta(days=1))
+        reload(member_programs, "with the renewed certificate")
+        gate = overlay.monitor("--once", "--issuer", new_ca, "--wait", "30", run="gate")
+        gate.wait_log("connected to es1", 20)
+        # The event server takes its renewed certificate up only now.
+        overlay.eventservers[0].signal(signal.SIGHUP)
+        assert gate.exited(40) == 0, gate.stdout() + gate.log()
+    finally:
+        overlay.close()

@@ -30,6 +30,9 @@ from thor.sip.media import relay_report
 from thor.x509compat import not_valid_after
 
 EX_NO_STATUS = 1
+# --issuer: seconds between two handshakes with an event server that presented another CA's
+# certificate (it takes a renewed one up within its files' check interval, 5 s by default).
+ISSUER_RECHECK = 5.0
 
 
 class MonitorDaemon(MemberDaemon):
@@ -77,6 +80,7 @@ class MonitorDaemon(MemberDaemon):
         self.certificates = {}  # member name -> when its certificate expires (the soonest of its connections)
         # (event server, connection id) -> (member name, the CA of its certificate), as the servers report.
         self.connection_issuers = {}
+        self._rechecked = {}  # event server -> when --issuer last reconnected to it
         self.client.subscribe(CONNECTIONS, self._on_connection)
         self.relays = {}
         self.client.subscribe(STATISTICS, self._on_statistics)
@@ -141,6 +145,21 @@ class MonitorDaemon(MemberDaemon):
                 problems.append(f"{name}: certificate of {', '.join(sorted(others))}, not of {wanted}")
         return problems
 
+    def _recheck_servers_of_another_ca(self):
+        """--issuer: a link knows the certificate its server presented when it connected. A server
+        that has taken a certificate of the wanted CA up since (the rollout installs it on every
+        host, the programs reload within seconds) is seen only by connecting again."""
+        if self.options.issuer is None:
+            return
+        now = time.monotonic()
+        for link in self.client.links.values():
+            identity = link.server_identity if link.connected else None
+            if identity is None or str(identity.issuer) == self.options.issuer:
+                continue
+            if now - self._rechecked.get(link.server_name, float("-inf")) >= ISSUER_RECHECK:
+                self._rechecked[link.server_name] = now
+                link.reconnect()
+
     def _once(self):
         # Polled too: what --issuer waits for arrives with the connection reports, not with a new status.
         deadline = time.monotonic() + self.options.wait
@@ -151,6 +170,7 @@ class MonitorDaemon(MemberDaemon):
             )
             if status is not None or remaining <= 0:
                 break
+            self._recheck_servers_of_another_ca()
         # What the servers retain (the relays' statistics) has reached us once they answer a ping.
         self.client.sync(timeout=2)
         if status is None and self.member.status.status.version > 0:
