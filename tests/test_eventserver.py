@@ -518,6 +518,30 @@ def publisher_connection(pki, server, name, roles, address):
     return tls_socket
 
 
+def test_where_configured_a_presence_must_come_from_the_address_it_announces(pki, cluster):
+    """[EventServer] presence_from_peer: a certificate naming 127.0.0.21, used from 127.0.0.1 (a
+    stolen one, run elsewhere), is refused; one used from the address it announces is taken."""
+    start, clients = cluster
+    (server,) = start(1, presence_from_peer="yes")
+    at_home = event_client(pki, "node1", "sip_proxy", [server], address="127.0.0.1")
+    elsewhere = event_client(pki, "node2", "sip_proxy", [server], address="127.0.0.21")
+    watcher = event_client(pki, "monitor1", "thor_monitor", [server])
+    clients.extend([at_home, elsewhere, watcher])
+    errors, seen = [], Recorder()
+    elsewhere.on_error(lambda link, frame: errors.append(frame))
+    watcher.subscribe(PRESENCE, seen)
+    settle(watcher)
+    at_home.publish(PRESENCE, {"name": "node1", "address": "127.0.0.1", "roles": ["sip_proxy"]})
+    elsewhere.publish(PRESENCE, {"name": "node2", "address": "127.0.0.21", "roles": ["sip_proxy"]})
+    wait_for(lambda: errors, message="node2's presence refused")
+    assert errors[0]["code"] == "forbidden"
+    assert (
+        errors[0]["message"] == "presence address 127.0.0.21 is not the address this connection comes from (127.0.0.1)"
+    )
+    settle(at_home, elsewhere, watcher)
+    assert {m.publisher for m in seen.messages} == {"es1", "node1"}
+
+
 def test_one_certificates_padded_presence_flood_cannot_cut_a_subscribing_manager(pki, cluster):
     """17 connections of one media_relay certificate, each retaining a 250 KB Presence, used to
     push a manager subscribing to Thor.Presence over its 4 MiB send queue: it was cut as a slow

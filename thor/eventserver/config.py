@@ -1,7 +1,7 @@
 """Configuration of thor-eventserver: the [EventServer] section."""
 
 from thor.config import Section, Setting
-from thor.datatypes import Endpoint, Float, Integer, String
+from thor.datatypes import Boolean, Endpoint, Float, Integer, String
 
 
 class EventServerConfig(Section):
@@ -50,6 +50,13 @@ class EventServerConfig(Section):
         Integer(1 << 20, 1 << 32),
         "67108864",
         "Bytes of a retained log (the active manager's network status: a snapshot and the changes after it).",
+    )
+
+    presence_from_peer = Setting(
+        Boolean(),
+        "no",
+        "Also require the address a member announces to be the one its connection comes from (for networks "
+        "whose members reach the event servers without NAT: a stolen certificate then works from its own host only).",
     )
 
     def validate(self):

@@ -47,6 +47,7 @@ class EventServerDaemon(Daemon):
             max_retained=config.max_retained,
             max_retained_bytes=config.max_retained_bytes,
             max_log_bytes=config.max_log_bytes,
+            presence_from_peer=config.presence_from_peer,
         )
         presence = make_entity(identity.name, address, [ROLE], __version__, time.time(), attributes={"port": port})
         self.server = EventServer(identity.name, limits, presence=presence)

@@ -23,6 +23,7 @@ it revokes, and hands it to every subscriber, as it does to each new one.
 """
 
 import collections
+import ipaddress
 import itertools
 import logging
 import os
@@ -65,6 +66,7 @@ class Limits:
         max_sessions=8,
         max_retained_bytes=256 << 10,
         max_log_bytes=64 << 20,
+        presence_from_peer=False,
     ):
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -79,6 +81,7 @@ class Limits:
         self.max_sessions = max_sessions
         self.max_retained_bytes = max_retained_bytes
         self.max_log_bytes = max_log_bytes
+        self.presence_from_peer = presence_from_peer
 
 
 class Connection:
@@ -303,6 +306,12 @@ class EventServer:
             log.warning("refused publish of %s on %s: %s", connection, topic, reason)
             connection.refuse(protocol.FORBIDDEN, str(reason), topic=topic, seq=seq)
             return
+        if topic == topics.PRESENCE and self.limits.presence_from_peer:
+            elsewhere = _announced_from_elsewhere(connection.identity, message["body"]["address"])
+            if elsewhere:
+                log.warning("refused publish of %s on %s: %s", connection, topic, elsewhere)
+                connection.refuse(protocol.FORBIDDEN, elsewhere, topic=topic, seq=seq)
+                return
         if topic == topics.CRL:
             self._offered_crl(connection, message["body"]["crl"])
             return
@@ -499,3 +508,15 @@ def _retained_bytes(retained, but):
         if topic != but and not topics.is_log(topic)
         for frame in frames
     )
+
+
+def _announced_from_elsewhere(identity, announced):
+    """Why a presence's address (already one its certificate names) is not the address its connection
+    comes from; None when it is. For networks whose members reach the event servers without NAT: a
+    stolen certificate then works only from its own host."""
+    peer = ipaddress.ip_address(identity.address[0])
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+    if ipaddress.ip_address(announced) == peer:
+        return None
+    return f"presence address {announced} is not the address this connection comes from ({peer})"
