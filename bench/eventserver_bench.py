@@ -83,6 +83,13 @@ def fanout(endpoint, pki, subscribers=100, messages=20000, window=200):
     sub_contexts = TLSContexts(**pki.files("subscriber", "sip_proxy"))
     pub_contexts = TLSContexts(**pki.files("publisher", "sip_proxy"))
     counts = [0] * subscribers
+    body = {"call": "x" * 64}
+    expected = [
+        protocol.encode(
+            {"type": "message", "topic": TOPIC, "publisher": "publisher", "session": "p", "seq": seq, "body": body},
+        )[4:]
+        for seq in range(1, messages + 1)
+    ]
     sockets = [member(endpoint, sub_contexts, [TOPIC]) for _ in range(subscribers)]
     publisher = member(endpoint, pub_contexts)
     pinger = gevent.spawn(keepalive, [*sockets, publisher])
@@ -93,10 +100,18 @@ def fanout(endpoint, pki, subscribers=100, messages=20000, window=200):
             data = sock.recv(262144)
             if not data:
                 return
-            counts[index] += sum(1 for payload in decoder.feed(data) if payload.startswith(b'{"type":"message"'))
+            for payload in decoder.feed(data):
+                if payload.startswith(b'{"type":"pong"'):
+                    continue
+                # Each publication once, in order, whole: compared byte for byte with the frame the
+                # server makes of it (cheap enough not to make the subscribers the bottleneck).
+                if counts[index] >= messages or payload != expected[counts[index]]:
+                    raise RuntimeError(
+                        f"subscriber {index}: frame {counts[index] + 1} is not the one due: {payload[:80]}"
+                    )
+                counts[index] += 1
 
     readers = [gevent.spawn(drain, index, sock) for index, sock in enumerate(sockets)]
-    body = {"call": "x" * 64}
     started = time.perf_counter()
     deadline = time.monotonic() + TIME_LIMIT
     sent = 0
@@ -115,6 +130,9 @@ def fanout(endpoint, pki, subscribers=100, messages=20000, window=200):
         )
         sent += batch
     gevent.joinall(readers, timeout=max(1, deadline - time.monotonic()))
+    for reader in readers:
+        if reader.exception is not None:
+            raise reader.exception
     elapsed = time.perf_counter() - started
     pinger.kill()
     for sock in [*sockets, publisher]:

@@ -92,8 +92,11 @@ def interface_speed(directory, keys, runs):
         answers = client.query(*(f"lookup {ROLE} for {key}" for key in sample))
         wrong = sum(answer != table.lookup(ROLE, key) for key, answer in zip(sample, answers, strict=True))
         print(f"interface answers checked against the local ring: {len(sample)} keys, {wrong} differ")
+        if wrong:
+            raise SystemExit(f"{wrong} of {len(sample)} interface answers differ from the ring: nothing measured")
         request = b"".join(f"lookup {ROLE} for {key}\r\n".encode() for key in keys)
-        rates = [pipelined(endpoint, request, len(keys)) for _ in range(runs)]
+        expected = [table.lookup(ROLE, key) for key in keys]
+        rates = [pipelined(endpoint, request, expected) for _ in range(runs)]
         print(
             f"interface, pipelined, 1 connection, {len(keys):,} queries, {runs} runs: "
             f"median {median(rates):,.0f} queries/s (min {min(rates):,.0f}, max {max(rates):,.0f})"
@@ -112,28 +115,32 @@ def interface_speed(directory, keys, runs):
         overlay.close()
 
 
-def pipelined(endpoint, request, count):
-    """Send every query at once from one greenlet, read the answers in another; queries/s."""
+def pipelined(endpoint, request, expected):
+    """Send every query at once from one greenlet, read the answers in another; queries/s. Every
+    answer is checked against expected (the local ring's), after the clock stops."""
+    count = len(expected)
     connection = socket.create_connection(endpoint, timeout=60)
     received = 0
+    chunks = []
 
     def send():
         connection.sendall(request)
 
     start = time.perf_counter()
     sender = gevent.spawn(send)
-    errors = 0
     while received < count:
         data = connection.recv(1 << 20)
         if not data:
             raise RuntimeError("the lookup interface closed the connection")
         received += data.count(b"\n")
-        errors += data.count(b"error ")
+        chunks.append(data)
     elapsed = time.perf_counter() - start
     sender.join()
     connection.close()
-    if errors:
-        raise RuntimeError(f"{errors} error answers")
+    answers = b"".join(chunks).decode().splitlines()
+    wrong = sum(answer != want for answer, want in zip(answers, expected, strict=True))
+    if wrong:
+        raise RuntimeError(f"{wrong} of {count} pipelined answers differ from the ring (errors included)")
     return count / elapsed
 
 

@@ -14,8 +14,10 @@ Run: python bench/ngnpro_bench.py [--operations N] [--load-accounts N]  (needs P
 """
 
 import argparse
+import hashlib
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -56,6 +58,13 @@ def run_threads(clients, operation, count):
     if errors:
         raise RuntimeError(f"{len(errors)} failed calls, e.g. {errors[0]}")
     return count / elapsed
+
+
+def get_checked(client, username):
+    """getAccount, its answer checked: a call counted is a right answer."""
+    answer = client.getAccount({"username": username, "domain": DOMAIN})
+    if answer.ha1 != ha1(username, "a-good-password"):
+        raise RuntimeError(f"getAccount({username}) answered HA1 {answer.ha1!r}")
 
 
 def cache_reads(network, count):
@@ -111,9 +120,24 @@ def join_load(network, count):
             interval=0.05,
             message=f"node4 holding its {share} accounts",
         )
+        loaded = time.perf_counter() - joined
+        check_share(reader, table, address, random.Random(1).sample(range(1, count + 1), min(count, 2000)))
     finally:
         reader.close()
-    return time.perf_counter() - joined, share, len(keys)
+    return loaded, share, len(keys)
+
+
+def check_share(reader, table, address, numbers):
+    """The count is right; are the accounts? Of a sample of the bulk accounts, node4 holds exactly
+    those it owns, each with its HA1 (md5 of its number, as fill() made it)."""
+    for number in numbers:
+        key = f"bulk{number}@{DOMAIN}"
+        status, text = reader.get(f"/accounts/{key}/ha1")
+        if table.lookup("sip_proxy", key) != address:
+            if status != 404:
+                raise RuntimeError(f"node4 holds {key}, which it does not own ({status})")
+        elif (status, text) != (200, hashlib.md5(str(number).encode()).hexdigest()):
+            raise RuntimeError(f"node4 answers {status} {text[:40]!r} for its own {key}")
 
 
 def main():
@@ -139,11 +163,7 @@ def main():
                         run_threads(clients, lambda c, i, p=prefix: c.addAccount(account(f"{p}{i}")), count)
                     )
                     rates["getAccount"].append(
-                        run_threads(
-                            clients,
-                            lambda c, i, p=prefix: c.getAccount({"username": f"{p}{i}", "domain": DOMAIN}),
-                            count,
-                        )
+                        run_threads(clients, lambda c, i, p=prefix: get_checked(c, f"{p}{i}"), count)
                     )
                     rates["changePassword"].append(
                         run_threads(
