@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 
 DEB_DIR := build/deb
 DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
-	lintian fakeroot dpkg-dev apt-utils
+	lintian fakeroot dpkg-dev apt-utils gnupg
 DEB_TEST_PACKAGES := docker.io debootstrap
 
 .PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo demo-sip bench clean
@@ -94,6 +94,8 @@ deb: deps
 	# A flat apt repository of the build (docs/packaging.md).
 	mkdir -p $(DEB_DIR)/repo && cp $(DEB_DIR)/*.deb $(DEB_DIR)/repo/
 	cd $(DEB_DIR)/repo && apt-ftparchive packages . > Packages && gzip -9kf Packages && apt-ftparchive release . > Release
+	# Signed with REPO_GNUPGHOME's key (the operator's), or a throw-away one (debian/sign-repo).
+	debian/sign-repo $(DEB_DIR)/repo
 	ls $(DEB_DIR)/*.deb
 
 # The packages installed in a clean Debian 12 container (built locally with
