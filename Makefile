@@ -23,7 +23,7 @@ VENV_STAMP := $(VENV)/.installed
 # PostgreSQL and PowerDNS that thor-dns and NGNPro are tested against.
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
-	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis \
+	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis python3-yaml \
 	kamailio kamailio-python3-modules sip-tester rtpengine-daemon postgresql pdns-server pdns-backend-pgsql \
 	faketime
 PYTEST_ARGS ?=

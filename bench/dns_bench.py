@@ -87,6 +87,7 @@ def main():
                     database_port=postgresql.port,
                     database_name="pdns",
                     database_user="postgres",
+                    database_sslrootcert=postgresql.ca,
                     powerdns_schema=SCHEMA,
                 ),
             )

@@ -332,6 +332,7 @@ def powerdns_settings(postgresql, database):
         "database_port": postgresql.port,
         "database_name": database,
         "database_user": "postgres",
+        "database_sslrootcert": postgresql.ca,
         "powerdns_schema": SCHEMA,
     }
 

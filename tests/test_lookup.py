@@ -1,6 +1,7 @@
 """The lookup interface of real thor-node processes in an overlay, and the thor command-line client."""
 
 import json
+import socket
 import subprocess
 
 import pytest
@@ -108,5 +109,22 @@ def test_a_taken_lookup_port_is_a_one_line_startup_error(tmp_path, pki):
         second = overlay.node("node2", "sip_proxy", "127.0.3.2", lookup={"listen": "{}:{}".format(*first.lookup)})
         assert second.exited(20) == 78
         assert f"[Lookup] listen = {first.lookup[0]}:{first.lookup[1]}: Address already in use" in second.log()
+    finally:
+        overlay.close()
+
+
+def test_a_node_answers_lookups_only_once_it_has_a_network_status(tmp_path, pki):
+    """A node just (re)started has no status yet: a lookup waits for it (accepted once it has
+    one) rather than getting "error no-status", which a rolling restart would hand to clients."""
+    overlay = Overlay(str(tmp_path), pki)
+    try:
+        overlay.start_eventservers(1)
+        node = overlay.node("node1", "sip_proxy", NODES["node1"])
+        node.wait_log("lookup interface listening")
+        with socket.create_connection(node.lookup, timeout=30) as connection:
+            connection.sendall(b"lookup sip_proxy for alice@example.com\r\n")
+            overlay.manager("manager1")  # the first status comes from here
+            reply = connection.makefile("rb").readline()
+        assert reply == f"{NODES['node1']}\r\n".encode()
     finally:
         overlay.close()

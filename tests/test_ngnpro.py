@@ -165,7 +165,12 @@ def test_ngnpro_reaches_the_database_that_its_own_host_publishes(tmp_path, pki, 
                 None,
                 NGNPRO_ADDRESS,
                 certificate="db1",
-                NGNPro={"listen": f"{NGNPRO_ADDRESS}:{port}", "password": PASSWORD, "database_user": "postgres"},
+                NGNPro={
+                    "listen": f"{NGNPRO_ADDRESS}:{port}",
+                    "password": PASSWORD,
+                    "database_user": "postgres",
+                    "database_sslrootcert": postgresql.ca,
+                },
             ),
         }
         second = "ngnpro" if first == "thor-database" else "thor-database"
@@ -180,6 +185,44 @@ def test_ngnpro_reaches_the_database_that_its_own_host_publishes(tmp_path, pki, 
         )
         soap = soap_client(pki, NGNPRO_ADDRESS, port)  # waits until ngnpro reaches the database
         soap.addDomain(DOMAIN)
+        assert soap.getDomains() == [DOMAIN]
+    finally:
+        overlay.close()
+
+
+def test_ngnpro_takes_calls_only_once_it_has_a_network_status(tmp_path, pki, postgresql):
+    """Just (re)started, ngnpro knows no database until the first network status: a call would
+    get DatabaseUnavailable. It accepts connections only once it has a status (a client waits,
+    or tries the other provisioning server), then takes changes at once."""
+    postgresql.create_database("thor")
+    overlay = Overlay(str(tmp_path), pki)
+    try:
+        overlay.start_eventservers(1)
+        overlay.start(
+            "database1",
+            "thor.database.main",
+            "thor_database",
+            "127.0.4.2",
+            Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
+        )
+        port = free_port(NGNPRO_ADDRESS)
+        settings = {"listen": f"{NGNPRO_ADDRESS}:{port}", "password": PASSWORD, "database_user": "postgres"}
+        ngnpro = overlay.start(
+            "ngnpro1",
+            "thor.ngnpro.main",
+            "provisioning_server",
+            NGNPRO_ADDRESS,
+            NGNPro=dict(settings, database_sslrootcert=postgresql.ca),
+        )
+        ngnpro.wait_log("SOAP/XML interface on")
+        session = requests.Session()
+        session.verify = pki.ca.ca_certificate_path
+        session.trust_env = False
+        with pytest.raises(requests.exceptions.Timeout):
+            session.get(f"https://{NGNPRO_ADDRESS}:{port}/ngnpro/wsdl", timeout=2)
+        overlay.manager("manager1")  # the first status comes from here
+        soap = soap_client(pki, NGNPRO_ADDRESS, port)
+        soap.addDomain(DOMAIN)  # no DatabaseUnavailable: the database was announced by then
         assert soap.getDomains() == [DOMAIN]
     finally:
         overlay.close()
@@ -295,6 +338,30 @@ def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):
     assert network.ngnpro.process.poll() is None
 
 
+def test_thor_database_restarted_keeps_no_change_out_for_its_grace(network):
+    """thor-database only announces the database: restarted (a rolling upgrade), the database
+    stays where it was, and NGNPro keeps taking changes. Once the announcement has been missing
+    for [NGNPro] database_grace seconds, changes are refused as before."""
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    brief_port = free_port(NGNPRO_ADDRESS)
+    network.start_ngnpro("ngnpro2", NGNPRO_ADDRESS, brief_port, database_grace=1)
+    brief = network.client(port=brief_port)
+    network.database.kill()
+    network.status(lambda s: "thor_database" not in s.roles, "thor-database gone from the status")
+    soap.addAccount(account("dave"))  # within ngnpro1's 30 s
+    attempts = iter(range(1000))
+    wait_for(
+        lambda: _refused(brief, f"erin{next(attempts)}"),
+        timeout=10,
+        message="ngnpro2 refusing changes once its 1 s of grace are over",
+    )
+    network.database = network.start_database()
+    network.status(lambda s: "thor_database" in s.roles, "thor-database back")
+    wait_for(lambda: _added(brief, "erin"), timeout=20, message="ngnpro2 taking changes again")
+    assert {entry.id.username for entry in soap.getAccounts(DOMAIN)} >= {"dave", "erin"}
+
+
 def test_a_lock_timeout_is_a_fault_and_the_connections_stay(network):
     soap = network.client()
     soap.addDomain(DOMAIN)
@@ -312,6 +379,16 @@ def test_a_lock_timeout_is_a_fault_and_the_connections_stay(network):
         assert before <= {row[0] for row in cursor.fetchall()}  # ngnpro kept its connections
     soap.changePassword({"username": "erin", "domain": DOMAIN}, "after-the-lock")
     assert soap.getAccount({"username": "erin", "domain": DOMAIN}).ha1 == ha1("erin", "after-the-lock")
+
+
+def _refused(soap, username):
+    """Whether adding username is refused with Server.DatabaseUnavailable (any other fault fails)."""
+    try:
+        soap.addAccount(account(username))
+    except zeep.exceptions.Fault as fault:
+        assert fault.code.endswith("Server.DatabaseUnavailable"), fault.code
+        return True
+    return False
 
 
 def _added(soap, username):

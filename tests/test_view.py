@@ -132,3 +132,17 @@ def test_expectations_name_the_missing_member_role_and_health_check():
         "node2: not in the network status (none of its programs is connected)",
     ]
     assert unmet_expectations(status, [parse_expectation("node1=sip_proxy")]) == []
+
+
+def test_a_rolling_restart_waits_for_the_restarted_program_not_the_one_before_it():
+    view = NetworkView()
+    view.server_snapshot("es1", "s0", [member("thor1", 1, ["manager-before"])])
+    view.update_presence("thor1", "manager-before", entity("thor1", ["thor_manager"], 100.0))
+    expected = [parse_expectation("thor1=thor_manager")]
+    before = view.status(1, "manager1")
+    assert unmet_expectations(before, expected) == []
+    [problem] = unmet_expectations(before, expected, started_after=150.0)
+    assert problem.startswith("thor1: thor_manager announced by a program started 50.0s before ")
+    view.server_snapshot("es1", "s1", [member("thor1", 2, ["manager-after"])])
+    view.update_presence("thor1", "manager-after", entity("thor1", ["thor_manager"], 160.0))
+    assert unmet_expectations(view.status(2, "manager1"), expected, started_after=150.0) == []

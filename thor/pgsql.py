@@ -4,7 +4,13 @@ import gevent.socket
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["connect", "cooperative", "one_line"]
+__all__ = ["SSL_MODES", "connect", "cooperative", "make_dsn", "one_line"]
+
+# How a connection is protected (libpq's sslmode): verify-full checks that the server's
+# certificate is issued by the CA of sslrootcert for the address connected to; verify-ca only
+# the CA; require encrypts unchecked (a man in the middle may answer); disable sends the
+# password and the data in the clear.
+SSL_MODES = ("verify-full", "verify-ca", "require", "disable")
 
 # A database host that vanishes (no reset) fails a connection within about this many seconds,
 # rather than the kernel's 15 minutes of retransmissions: keepalives for a connection that waits
@@ -28,6 +34,14 @@ def _gevent_wait(connection, timeout=None):
 def cooperative():
     """Make every psycopg2 connection of this process wait through gevent (call before connecting)."""
     psycopg2.extensions.set_wait_callback(_gevent_wait)
+
+
+def make_dsn(host, port, dbname, user, password, sslmode, sslrootcert):
+    """A libpq connection string (quoted as libpq wants it, whatever the password holds)."""
+    fields = dict(host=host, port=port, dbname=dbname, user=user, password=password or None, sslmode=sslmode)
+    if sslmode.startswith("verify-"):
+        fields["sslrootcert"] = sslrootcert
+    return psycopg2.extensions.make_dsn(**fields)
 
 
 def connect(dsn, connect_timeout=5, statement_timeout=15, lock_timeout=5):

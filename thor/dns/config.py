@@ -4,6 +4,7 @@ import ipaddress
 
 from thor.config import Section, Setting
 from thor.datatypes import Choice, Datatype, DomainName, Endpoint, Float, Integer, Path, String
+from thor.pgsql import SSL_MODES
 
 
 class NameserverList(Datatype):
@@ -54,6 +55,17 @@ class DNSConfig(Section):
     database_name = Setting(String(allow_empty=False), "pdns", "powerdns: the database PowerDNS reads (gpgsql).")
     database_user = Setting(String(allow_empty=False), "pdns", "powerdns: PostgreSQL user.")
     database_password = Setting(String(), "", "powerdns: PostgreSQL password (keep this file mode 0640, group thor).")
+    database_sslmode = Setting(
+        Choice(*SSL_MODES),
+        "verify-full",
+        "powerdns: how the connection is protected: verify-full (TLS; the server's certificate issued by the CA "
+        "of database_sslrootcert for database_host), verify-ca, require (TLS, unchecked) or disable (in the clear).",
+    )
+    database_sslrootcert = Setting(
+        String(),
+        "",
+        "powerdns: the CA file the server's certificate is checked against (empty: [TLS] ca, the provider CA).",
+    )
     powerdns_schema = Setting(
         Path(),
         "/usr/share/pdns-backend-pgsql/schema/schema.pgsql.sql",

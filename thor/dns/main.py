@@ -18,6 +18,7 @@ from thor.dns.embedded import EmbeddedZone
 from thor.dns.powerdns import PowerDNSZone
 from thor.dns.records import ZoneSettings, zone_records
 from thor.membership.program import MemberDaemon
+from thor.pgsql import make_dsn
 
 ROLE = roles.DNS_MANAGER
 
@@ -45,12 +46,15 @@ class DNSDaemon(MemberDaemon):
                 ) from None
             self.log.info("answering DNS for %s on %s:%d", network.domain, *self.backend.address[:2])
         else:
-            dsn = (
-                f"host={config.database_host} port={config.database_port} dbname={config.database_name} "
-                f"user={config.database_user}"
+            dsn = make_dsn(
+                host=config.database_host,
+                port=config.database_port,
+                dbname=config.database_name,
+                user=config.database_user,
+                password=config.database_password,
+                sslmode=config.database_sslmode,
+                sslrootcert=config.database_sslrootcert or self.config[TLSConfig].ca,
             )
-            if config.database_password:
-                dsn += f" password={config.database_password}"
             self.backend = PowerDNSZone(dsn, config.powerdns_schema)
         self.applied = None
         self.serial = 0

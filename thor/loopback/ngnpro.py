@@ -54,26 +54,36 @@ class Network:
         postgresql.create_database("thor")
         self.overlay.start_eventservers(2, **eventserver_settings)
         self.overlay.manager("manager1")
-        self.overlay.start(
-            "database1",
-            "thor.database.main",
-            "thor_database",
-            "127.0.4.2",
-            Database={"host": "127.0.0.1", "port": postgresql.port, "database": "thor"},
-        )
+        self.database = self.start_database()
         self.port = free_port(NGNPRO_ADDRESS)
         self.ngnpro = self.start_ngnpro("ngnpro1", NGNPRO_ADDRESS, self.port)
         self.observer = self.overlay.observer()
         self.nodes = {}
         self.status(lambda s: {"database1", "ngnpro1"} <= set(s.members), "the database and ngnpro announced")
 
-    def start_ngnpro(self, name, address, port):
+    def start_database(self):
+        """thor-database, announcing the PostgreSQL database "thor"."""
+        return self.overlay.start(
+            "database1",
+            "thor.database.main",
+            "thor_database",
+            "127.0.4.2",
+            Database={"host": "127.0.0.1", "port": self.postgresql.port, "database": "thor"},
+        )
+
+    def start_ngnpro(self, name, address, port, **settings):
         return self.overlay.start(
             name,
             "thor.ngnpro.main",
             "provisioning_server",
             address,
-            NGNPro={"listen": f"{address}:{port}", "password": PASSWORD, "database_user": "postgres"},
+            NGNPro={
+                "listen": f"{address}:{port}",
+                "password": PASSWORD,
+                "database_user": "postgres",
+                "database_sslrootcert": self.postgresql.ca,
+                **settings,
+            },
         )
 
     def start_node(self, name):

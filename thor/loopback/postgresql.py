@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import tempfile
 
+from thor.loopback.pki import ScratchPKI
 from thor.loopback.process import exited, free_port, wait_for
 
 __all__ = ["SCHEMA", "PostgreSQL", "PowerDNS"]
@@ -21,6 +22,9 @@ def _as_postgres(command):
 
 
 class PostgreSQL:
+    """A cluster serving TLS as the rollout's does: a certificate for 127.0.0.1 issued by a CA of
+    its own (ca: what clients check it against with sslmode=verify-full)."""
+
     def __init__(self):
         # Its own folder under /tmp: pytest's folders are closed to the postgres user.
         directory = tempfile.mkdtemp(prefix="thor-test-pg-")
@@ -39,10 +43,27 @@ class PostgreSQL:
             capture_output=True,
             timeout=120,
         )
+        self._certify()
         self.start()
 
+    def _certify(self):
+        pki = ScratchPKI(os.path.join(self.root, "ca"))
+        files = pki.issue("database", "thor_database", address="127.0.0.1")
+        self.ca = files["ca"]
+        self.certificate = os.path.join(self.directory, "server.crt")
+        self.private_key = os.path.join(self.directory, "server.key")
+        shutil.copyfile(files["certificate"], self.certificate)
+        shutil.copyfile(files["private_key"], self.private_key)
+        os.chmod(self.private_key, 0o600)  # PostgreSQL refuses a key others may read
+        if os.geteuid() == 0:
+            shutil.chown(self.certificate, "postgres")
+            shutil.chown(self.private_key, "postgres")
+
     def start(self):
-        options = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = (
+            f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-c ssl=on -c ssl_cert_file={self.certificate} -c ssl_key_file={self.private_key}"
+        )
         subprocess.run(
             _as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.directory, "-l", self.log, "-o", options, "-w", "start"]),
             check=True,

@@ -57,6 +57,13 @@ class MonitorDaemon(MemberDaemon):
             f"Exit {EX_UNMET} naming what is missing and why when the status does not list them in time",
         )
         parser.add_argument(
+            "--started-after",
+            metavar="EPOCH",
+            type=float,
+            help="with --expect: the roles must be announced by programs started at or after this time "
+            "(seconds since 1970, the restarted host's clock): a rolling restart's health gate",
+        )
+        parser.add_argument(
             "--check-pki",
             action="store_true",
             help=f"with --once: exit {EX_PKI}, saying what to run, when the CA, the CRL or a member's certificate "
@@ -74,6 +81,8 @@ class MonitorDaemon(MemberDaemon):
     def setup(self):
         if (self.options.expect or self.options.check_pki or self.options.issuer) and not self.options.once:
             raise StartupError("--expect, --check-pki and --issuer go with --once")
+        if self.options.started_after is not None and not self.options.expect:
+            raise StartupError("--started-after goes with --expect")
         if not self.options.once and not sys.stdout.isatty():
             raise StartupError("the live view needs a terminal; use --once")
         self.events = collections.deque(maxlen=200)
@@ -128,7 +137,7 @@ class MonitorDaemon(MemberDaemon):
 
     def unmet(self, status):
         """What --expect and --issuer ask for that status (and the connections seen) lacks, one line each."""
-        problems = unmet_expectations(status, self.options.expect)
+        problems = unmet_expectations(status, self.options.expect, self.options.started_after)
         wanted = self.options.issuer
         if wanted is None:
             return problems

@@ -85,8 +85,10 @@ def parse_expectation(text):
     return name.strip(), roles
 
 
-def unmet_expectations(status, expected):
-    """One line per expected (name, role) the status does not list, saying what keeps it out."""
+def unmet_expectations(status, expected, started_after=None):
+    """One line per expected (name, role) the status does not list, saying what keeps it out.
+    With started_after (epoch), a role announced by a program started before it is not met yet:
+    a rolling restart waits until the restarted program itself is back."""
     problems = []
     for name, roles in expected:
         member = status.members.get(name)
@@ -95,6 +97,12 @@ def unmet_expectations(status, expected):
             continue
         for role in roles:
             if role in member["roles"]:
+                since = member["services"].get(role, {}).get("since", 0.0)
+                if started_after is not None and since < started_after:
+                    problems.append(
+                        f"{name}: {role} announced by a program started {format_age(started_after - since)} "
+                        f"before {time.strftime('%H:%M:%S', time.localtime(started_after))}, not by a newer one yet"
+                    )
                 continue
             reason = member["withdrawn"].get(role)
             if reason is not None:

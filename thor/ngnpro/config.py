@@ -1,7 +1,8 @@
 """Configuration of ngnpro: the [NGNPro] section."""
 
 from thor.config import Section, Setting
-from thor.datatypes import Endpoint, Float, Integer, Path, String
+from thor.datatypes import Choice, Endpoint, Float, Integer, Path, String
+from thor.pgsql import SSL_MODES
 
 NGNPRO_PORT = 9200
 
@@ -40,6 +41,24 @@ class NGNProConfig(Section):
         "PostgreSQL user of the provisioning database (its location comes from thor-database).",
     )
     database_password = Setting(String(), "", "Its password (empty: none, e.g. with trust or peer authentication).")
+    database_grace = Setting(
+        Float(0, 3600),
+        "30",
+        "Seconds the database last announced by thor-database is still used while no thor-database "
+        "announces one (its restart, a rolling upgrade): the database itself has not moved.",
+    )
+    database_sslmode = Setting(
+        Choice(*SSL_MODES),
+        "verify-full",
+        "How the database connection is protected: verify-full (TLS; the server's certificate issued by the "
+        "CA of database_sslrootcert for the address announced), verify-ca, require (TLS, unchecked) or "
+        "disable (in the clear: account passwords and HA1s cross the network readable).",
+    )
+    database_sslrootcert = Setting(
+        String(),
+        "",
+        "The CA file the database server's certificate is checked against (empty: [TLS] ca, the provider CA).",
+    )
     statement_timeout = Setting(Float(0.5, 600), "15", "Seconds a database statement may take before it fails.")
     pool_size = Setting(
         Integer(2, 100), "8", "Database connections at most (nodes' loads take at most 2, and never all of them)."

@@ -16,7 +16,7 @@ import ssl
 import sys
 import time
 
-import psycopg2.extensions
+import gevent
 
 from thor import roles
 from thor.accounts.loads import AccountLoads
@@ -31,6 +31,7 @@ from thor.ngnpro.provisioning import Provisioning
 from thor.ngnpro.soap import wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
 from thor.ngnpro.throttle import LoginThrottle
+from thor.pgsql import make_dsn
 from thor.sip.media import relay_report
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
@@ -62,6 +63,7 @@ class NGNProDaemon(MemberDaemon):
         tls = self.config[TLSConfig]
         self.usage = {}
         self.relays = {}  # media relays' Thor.Statistics, per name
+        self._announced_database = None  # (dsn, when last announced: monotonic)
         self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
         self.store = Store(
             self._database_dsn, pool_size=settings.pool_size, statement_timeout=settings.statement_timeout
@@ -114,9 +116,17 @@ class NGNProDaemon(MemberDaemon):
         except OSError as problem:
             where = format_address(settings.listen)
             raise StartupError(f"[NGNPro] listen = {where}: {problem.strerror or problem}") from None
-        self.server.start()
         self.rings.start()
         self.log.info("SOAP/XML interface on https://%s/ngnpro/wsdl", format_address(settings.listen))
+        # Calls are taken once the network status says where the database is: until then a
+        # client waits (a just restarted ngnpro has a status within a second) instead of getting
+        # DatabaseUnavailable.
+        self._calls_taken = gevent.spawn(self._take_calls_with_a_status)
+
+    def _take_calls_with_a_status(self):
+        status = self.member.status.wait(lambda status: status.version > 0)
+        self.server.start()
+        self.log.info("taking calls (network status v%d)", status.version)
 
     def _reload_https(self, context, files):
         try:
@@ -125,26 +135,35 @@ class NGNProDaemon(MemberDaemon):
             self.log.error("keeping the HTTPS certificate in use: %s or %s cannot be loaded: %s", *files, problem)
 
     def teardown(self):
+        self._calls_taken.kill(block=False)
         self.loads.stop()  # before the store closes: a killed load hands its connection back
         self.server.stop(timeout=2)
         self.rings.stop()
         self.store.close()
 
     def _database_dsn(self):
-        """The provisioning database announced by thor-database (the lowest priority wins), or None."""
+        """The provisioning database announced by thor-database (the lowest priority wins); while
+        none is, the last one for [NGNPro] database_grace seconds; then None."""
         status = self.member.status.status
         databases = [(status.attributes(name, roles.DATABASE), name) for name in status.roles.get(roles.DATABASE, ())]
+        settings = self.config[NGNProConfig]
         if not databases:
+            last = self._announced_database
+            if last is not None and time.monotonic() - last[1] <= settings.database_grace:
+                return last[0]
             return None
         attributes, chosen = min(databases, key=lambda pair: (pair[0].get("priority", 0), pair[1]))
-        settings = self.config[NGNProConfig]
-        return psycopg2.extensions.make_dsn(
+        dsn = make_dsn(
             host=attributes.get("host") or status.members[chosen]["address"],
             port=attributes.get("port", 5432),
             dbname=attributes.get("database", "thor"),
             user=settings.database_user,
-            password=settings.database_password or None,
+            password=settings.database_password,
+            sslmode=settings.database_sslmode,
+            sslrootcert=settings.database_sslrootcert or self.config[TLSConfig].ca,
         )
+        self._announced_database = (dsn, time.monotonic())
+        return dsn
 
     def active(self):
         """The longest-running live NGNPro answers the nodes' requests (the others stand by)."""

@@ -68,6 +68,11 @@ class NodeDaemon(MemberDaemon):
             self.log.info("role %s: check %s is %s", health.role, health.check, "up" if health.up else "DOWN")
         return self._up_roles()
 
+    def _answer_lookups_with_a_status(self):
+        self.rings.wait(1)  # the rings built from a first status
+        self.lookup_server.start()
+        self.log.info("answering lookups (network status v%d)", self.rings.table.version)
+
     def _up_roles(self):
         return [role for role, health in self.health.items() if health.up]
 
@@ -89,11 +94,14 @@ class NodeDaemon(MemberDaemon):
         # running out of descriptors would fail the health checks and withdraw the node's roles.
         raise_file_limit(self.lookup_server.file_descriptors + ACCOUNTS_MAX_CONNECTIONS + 256)
         try:
-            self.lookup_server.start()
+            self.lookup_server.bind()
         except OSError as problem:
             where = format_address(lookup.listen)
             raise StartupError(f"[Lookup] listen = {where}: {problem.strerror or problem}") from None
         self.rings.start()
+        # Lookups are answered once the node has a network status: until then a client waits (a
+        # just restarted node has one within a second) instead of getting "error no-status".
+        self._lookups_answered = gevent.spawn(self._answer_lookups_with_a_status)
         settings = self.config[NodeConfig]
         self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
         application = accounts_application(self.accounts, settings.accounts_credential)
@@ -193,6 +201,7 @@ class NodeDaemon(MemberDaemon):
 
     def teardown(self):
         gevent.killall(self._checkers, block=False)
+        self._lookups_answered.kill(block=False)
         self.lookup_server.stop()
         for server in (self.media, self.peer_server):
             if server is not None:

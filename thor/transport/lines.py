@@ -99,10 +99,17 @@ class LineServer:
         (its connections, the refusals, what one accept burst takes and the listener)."""
         return self.max_connections + MAX_REFUSING + StreamServer.max_accept + 1
 
+    def bind(self):
+        """Listen without answering yet: clients that connect wait in the backlog until start()
+        (a port that cannot be had fails here, with OSError)."""
+        if self._server is None:
+            self._server = StreamServer(self.listen, self._serve, backlog=1024)
+            self._server.init_socket()
+            log.info("%s listening on %s:%s", self.name, *self._server.address[:2])
+
     def start(self):
-        self._server = StreamServer(self.listen, self._serve, backlog=1024)
+        self.bind()
         self._server.start()
-        log.info("%s listening on %s:%s", self.name, *self._server.address[:2])
 
     def stop(self):
         if self._server is not None:

@@ -5,13 +5,18 @@ backend and the docker CLI (they are the project's own test hosts).
 """
 
 import contextlib
+import email.utils
 import json
 import os
 import random
+import re
 import shlex
+import shutil
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 
 import dns.resolver
@@ -24,7 +29,7 @@ import zeep.exceptions
 import zeep.transports
 from cryptography import x509
 
-from thor.lookup.client import LookupClient
+from thor.lookup.client import LookupClient, LookupClientError
 from thor.loopback.kamailio import register
 from thor.loopback.phone import Phone
 from thor.loopback.process import free_port, wait_for
@@ -624,6 +629,238 @@ def test_a_stopped_relay_gets_no_new_calls_and_takes_calls_again_once_back():
     wait_for(lambda: call_with_media(caller, callee)[0] == RELAY_OF_SITE["b"], 5, message="node2's relay used again")
     for phone, _ in registered.values():
         phone.close()
+
+
+# -- The rollout: secrets, restarts that follow changes, one host at a time, upgrades -------
+
+
+def test_databases_are_reached_over_checked_tls_only_and_thor_dns_runs_as_thor():
+    """NGNPro (thor2, ns1) and thor-dns reach PostgreSQL over TLS (sslmode=verify-full by default:
+    the server's certificate is the host's own, of the provider CA); the same password without TLS
+    is refused; thor-dns runs as the thor user."""
+    _, sip, login = ngnpro()
+    with _existing_is_fine():
+        add_account(sip, login, "tls-checked")
+    query = (
+        "SELECT DISTINCT usename, host(client_addr), ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) "
+        "WHERE usename IN ('thor', 'pdns') AND client_addr <> '127.0.0.1'"
+    )
+    rows = {
+        tuple(line.split("|"))
+        for line in host("ns1").run(f"runuser -u postgres -- psql -At -c {shlex.quote(query)}").stdout.split()
+    }
+    assert {("thor", THOR2), ("pdns", "172.30.0.53")} <= {row[:2] for row in rows}, rows
+    assert all(row[2] == "t" for row in rows), rows
+    plain = host("thor2").run(
+        "python3 -c \"import psycopg2; psycopg2.connect('host=172.30.0.53 dbname=thor user=thor "
+        "password=molecule-only sslmode=disable connect_timeout=5')\""
+    )
+    assert plain.rc != 0 and "no encryption" in plain.stderr, plain.stderr
+    for name in ("thor2", "ns1"):
+        assert "database_sslmode" not in host(name).run("cat /etc/thor/config.ini").stdout  # verify-full
+    for name in ("ns1", "ns2"):
+        pid = host(name).run("supervisorctl pid thor-dns").stdout.strip()
+        assert host(name).run(f"ps -o user= -p {pid}").stdout.strip() == "thor"
+
+
+def soap_login(address, password):
+    """A SipPort of the NGNPro at address and a Login header with password (no call made)."""
+    session = requests.Session()
+    session.verify = os.path.join(os.environ["THOR_MOLECULE_PKI"], "ca.crt")
+    session.trust_env = False
+    url = f"https://{address}:9200/ngnpro/wsdl"
+    wait_for(lambda: _serves(session, url), 60, interval=0.5, message=f"ngnpro on {address} serving its WSDL")
+    client = zeep.Client(url, transport=zeep.transports.Transport(session=session, timeout=10, operation_timeout=10))
+    login = client.get_element("{urn:AGProjects:NGNPro}Login")(username="admin", password=password)
+    return client.bind("SipPort", "SipPort"), login
+
+
+def test_ngnpro_password_rotated_through_the_inventory_takes_effect_on_every_provisioning_server():
+    """A changed thor_ngnpro_password restarts ngnpro (one host at a time): the new password is
+    accepted and the old refused, on both provisioning servers."""
+    old, new = "molecule-only-password", "molecule-rotated-password"
+    account = {"username": "tls-checked", "domain": DOMAIN}
+    try:
+        result = run_playbook("provisioning.yml", "-e", json.dumps({"thor_ngnpro_password": new}))
+        assert result.returncode == 0, result.stdout[-3000:]
+        for address in (THOR2, "172.30.0.53"):
+            sip, login = soap_login(address, new)
+            assert soap_fault(sip.getAccount, account, _soapheaders=[login]) == ""
+            sip, login = soap_login(address, old)
+            assert soap_fault(sip.getAccount, account, _soapheaders=[login]).endswith("Client.Unauthorized")
+    finally:
+        result = run_playbook("provisioning.yml")
+        assert result.returncode == 0, result.stdout[-3000:]
+    for address in (THOR2, "172.30.0.53"):
+        sip, login = soap_login(address, old)
+        assert soap_fault(sip.getAccount, account, _soapheaders=[login]) == ""
+
+
+def upgrade_repository(directory):
+    """This checkout's packages again as version <current>+upgrade1, in a flat repository signed
+    with the key of make deb's (the one the cluster trusts)."""
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    source = os.path.join(directory, "src")
+    shutil.copytree(os.path.join(project, "build", "deb", "src"), source)
+    with open(os.path.join(source, "debian", "changelog")) as stream:
+        changelog = stream.read()
+    version = changelog.split("(", 1)[1].split(")", 1)[0] + "+upgrade1"
+    entry = (
+        f"sipthor ({version}) bookworm; urgency=medium\n\n  * The molecule cluster's upgrade test.\n\n"
+        f" -- SIP Thor developers <dev@sipthor.invalid>  {email.utils.formatdate()}\n\n"
+    )
+    with open(os.path.join(source, "debian", "changelog"), "w") as stream:
+        stream.write(entry + changelog)
+    init = os.path.join(source, "thor", "__init__.py")
+    with open(init) as stream:
+        text = stream.read()
+    with open(init, "w") as stream:
+        stream.write(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
+    environment = dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    build = subprocess.run(
+        ["dpkg-buildpackage", "-us", "-uc", "-b"],
+        check=False,
+        cwd=source,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    repository = os.path.join(directory, "repo")
+    os.mkdir(repository)
+    for name in os.listdir(directory):
+        if name.endswith(".deb"):
+            shutil.copy(os.path.join(directory, name), repository)
+    commands = "apt-ftparchive packages . > Packages && gzip -9kf Packages && apt-ftparchive release . > Release"
+    subprocess.run(commands, shell=True, cwd=repository, check=True, capture_output=True)
+    signing = dict(os.environ, REPO_GNUPGHOME=os.path.join(project, "build", "deb", "repo-gnupg"))
+    subprocess.run(
+        [os.path.join(project, "debian", "sign-repo"), repository], env=signing, check=True, capture_output=True
+    )
+    return version, repository
+
+
+class Watch:
+    """Lookups against the nodes, NGNPro calls and network status polls, in threads, until stopped:
+    what a rolling restart must not disturb. Bounded in time and count."""
+
+    def __init__(self, account):
+        self.account = account
+        self.stopped = threading.Event()
+        self.lookups, self.lookup_errors = 0, []
+        self.calls, self.call_failures = 0, []
+        self.polls = []  # (when, member names or None)
+        self.threads = [threading.Thread(target=target, daemon=True) for target in (self._lookups, self._calls)]
+        for thread in self.threads:
+            thread.start()
+
+    def _lookups(self):
+        for index in range(100000):
+            if self.stopped.wait(0.05):
+                return
+            line = f"lookup sip_proxy for {SIP_USERS[index % len(SIP_USERS)]}@{DOMAIN}"
+            for node in random.sample(sorted(ADDRESSES), len(ADDRESSES)):  # the next node if one is away
+                try:
+                    with LookupClient(ADDRESSES[node], 9500, timeout=5) as lookup:
+                        answer = lookup.query(line)[0]
+                except (OSError, LookupClientError):
+                    continue
+                self.lookups += 1
+                if answer not in ADDRESSES.values():
+                    self.lookup_errors.append((node, answer))
+                break
+            else:
+                self.lookup_errors.append(("no node", line))
+
+    def _calls(self):
+        servers = [soap_login(address, "molecule-only-password") for address in (THOR2, "172.30.0.53")]
+        for index in range(100000):
+            if self.stopped.wait(0.1):
+                return
+            for sip, login in random.sample(servers, len(servers)):  # the other one if one is away
+                try:
+                    if index % 5:
+                        sip.getAccount(self.account, _soapheaders=[login])
+                    else:
+                        add_account(sip, login, f"rolling{index}-{random.randrange(10**9)}")
+                except zeep.exceptions.Fault as fault:
+                    self.call_failures.append(fault.code)
+                except (requests.RequestException, zeep.exceptions.TransportError):
+                    continue
+                self.calls += 1
+                break
+            else:
+                self.call_failures.append("no provisioning server answered")
+
+    def poll(self):
+        current = status()
+        self.polls.append((time.monotonic(), set(current["members"]) if current else None))
+        return current
+
+    def stop(self):
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def absences(self):
+        """{member: the longest time it was missing from the polls, in seconds}."""
+        everyone = set().union(*(members for _, members in self.polls if members))
+        longest, since = dict.fromkeys(everyone, 0.0), {}
+        for when, members in self.polls:
+            for name in everyone:
+                if members is not None and name not in members:
+                    since.setdefault(name, when)
+                elif name in since:
+                    longest[name] = max(longest[name], when - since.pop(name))
+        return longest
+
+
+def test_an_upgrade_with_a_config_change_rolls_over_the_cluster_one_host_at_a_time_and_nothing_is_lost(tmp_path):
+    """site.yml with packages of a newer version and a changed shared setting: every Thor program
+    is restarted (event servers and managers one at a time, each back in the status before the
+    next; nodes in batches), runs the new version afterwards, and meanwhile no lookup is
+    answered with an error, no SOAP call fails and no member is missing from the status for
+    more than its own restart."""
+    sip_network()
+    version, repository = upgrade_repository(str(tmp_path))
+    members = set(status_where(lambda s: len(s["members"]) == len(PROGRAMS), 60, "every member")["members"])
+    kamailio_before = {name: host(name).run("supervisorctl pid kamailio").stdout.strip() for name in NODES}
+    watch = Watch({"username": SIP_USERS[0], "domain": DOMAIN})
+    extra = {"thor_common_local_repo": repository, "thor_common_tls_settings": {"crl_check_interval": 4}}
+    rollout = run_playbook_in_background("site.yml", "-e", json.dumps(extra))
+    try:
+        deadline = time.monotonic() + 1200
+        while rollout.poll() is None and time.monotonic() < deadline:
+            watch.poll()
+    finally:
+        watch.stop()
+    output = rollout.communicate(timeout=60)[0]
+    assert rollout.returncode == 0, output[-3000:]
+    absences = watch.absences()
+    print(
+        f"rolled out {version}: {len(watch.polls)} status polls, {watch.lookups} lookups, {watch.calls} SOAP calls; "
+        f"longest absence per member (s): { {name: round(seconds, 1) for name, seconds in sorted(absences.items())} }"
+    )
+    assert watch.lookups > 100 and watch.lookup_errors == [], watch.lookup_errors[:10]
+    assert watch.calls > 50 and watch.call_failures == [], watch.call_failures[:10]
+    assert all(members_seen is not None for _, members_seen in watch.polls)
+    assert all(len(members - seen) <= 1 for _, seen in watch.polls), "two hosts away at once"
+    assert max(absences.values()) <= 30, absences
+    current = status_where(lambda s: set(s["members"]) == members, 60, "every member back")
+    for name, member in current["members"].items():
+        for role, service in member["services"].items():
+            assert service["version"] == version, (name, role, service["version"])
+    for name in PROGRAMS:
+        installed = host(name).run("dpkg-query -W -f '${Version}' python3-sipthor").stdout
+        assert installed == version, (name, installed)
+        assert "crl_check_interval = 4" in host(name).run("cat /etc/thor/config.ini").stdout
+    for name in NODES:
+        assert host(name).run("supervisorctl pid kamailio").stdout.strip() != kamailio_before[name]
+    # Nothing is left to restart (the programs started after their packages were installed).
+    for playbook in ("eventservers.yml", "sipproxies.yml"):
+        again = run_playbook(playbook, "-e", json.dumps(extra))
+        recap = again.stdout.rsplit("PLAY RECAP", 1)[-1]
+        assert again.returncode == 0 and set(re.findall(r"changed=(\d+)", recap)) == {"0"}, again.stdout[-3000:]
 
 
 SERIAL_OF_NODE_CERTIFICATE = (
