@@ -362,6 +362,23 @@ def test_thor_database_restarted_keeps_no_change_out_for_its_grace(network):
     assert {entry.id.username for entry in soap.getAccounts(DOMAIN)} >= {"dave", "erin"}
 
 
+def test_a_frozen_database_is_a_fault_in_bounded_time_not_a_hang(network):
+    """PostgreSQL frozen (SIGSTOP: its kernel still accepts and acknowledges): pooled and new
+    connections alike give up within [NGNPro] statement_timeout and the dead peer time, and the
+    call is a fault, not a hang."""
+    soap = network.client()
+    soap.addDomain(DOMAIN)
+    soap.addAccount(account("frank"))  # a pooled connection to the database that will freeze
+    network.postgresql.freeze()
+    try:
+        started = time.monotonic()
+        assert fault_code(soap.addAccount, account("grace")) == "Server.DatabaseUnavailable"
+        assert time.monotonic() - started < 30
+    finally:
+        network.postgresql.freeze(False)
+    wait_for(lambda: _added(soap, "grace"), timeout=30, message="provisioning again once PostgreSQL thaws")
+
+
 def test_a_lock_timeout_is_a_fault_and_the_connections_stay(network):
     soap = network.client()
     soap.addDomain(DOMAIN)

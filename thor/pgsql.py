@@ -18,17 +18,32 @@ SSL_MODES = ("verify-full", "verify-ca", "require", "disable")
 DEAD_PEER_SECONDS = 10
 
 
-def _gevent_wait(connection, timeout=None):
+class _BoundedConnection(psycopg2.extensions.connection):
+    """A connection no single wait of which outlasts wait_limit seconds (None: unbounded).
+
+    A server whose host is frozen still has its kernel complete handshakes and acknowledge
+    data: libpq enforces no connect_timeout on asynchronous (gevent) connections, the
+    statement_timeout runs on the frozen server, and keepalives are answered. Without a
+    bound of its own, a greenlet would wait for ever."""
+
+    wait_limit = None
+
+
+def _gevent_wait(connection):
+    limit = getattr(connection, "wait_limit", None)
     while True:
         state = connection.poll()
         if state == psycopg2.extensions.POLL_OK:
             return
-        if state == psycopg2.extensions.POLL_READ:
-            gevent.socket.wait_read(connection.fileno(), timeout=timeout)
-        elif state == psycopg2.extensions.POLL_WRITE:
-            gevent.socket.wait_write(connection.fileno(), timeout=timeout)
-        else:
-            raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        try:
+            if state == psycopg2.extensions.POLL_READ:
+                gevent.socket.wait_read(connection.fileno(), timeout=limit)
+            elif state == psycopg2.extensions.POLL_WRITE:
+                gevent.socket.wait_write(connection.fileno(), timeout=limit)
+            else:
+                raise psycopg2.OperationalError(f"unexpected poll state {state}")
+        except TimeoutError:
+            raise psycopg2.OperationalError(f"the database server answered nothing for {limit:g} s") from None
 
 
 def cooperative():
@@ -45,9 +60,12 @@ def make_dsn(host, port, dbname, user, password, sslmode, sslrootcert):
 
 
 def connect(dsn, connect_timeout=5, statement_timeout=15, lock_timeout=5):
-    """A connection whose statements, locks and dead peers all fail in bounded time."""
+    """A connection whose statements, locks and dead or frozen peers all fail in bounded time."""
+    limit = max(connect_timeout, statement_timeout) + DEAD_PEER_SECONDS
+    factory = type("BoundedConnection", (_BoundedConnection,), {"wait_limit": limit})
     return psycopg2.connect(
         dsn,
+        connection_factory=factory,
         connect_timeout=connect_timeout,
         keepalives=1,
         keepalives_idle=DEAD_PEER_SECONDS // 2,

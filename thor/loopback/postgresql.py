@@ -71,6 +71,15 @@ class PostgreSQL:
             timeout=60,
         )
 
+    def freeze(self, frozen=True):
+        """SIGSTOP (or SIGCONT) the server and its backends: a host frozen without a word (its
+        kernel still completes handshakes and acknowledges data)."""
+        with open(os.path.join(self.directory, "postmaster.pid")) as stream:
+            postmaster = stream.readline().strip()
+        children = subprocess.run(["pgrep", "-P", postmaster], capture_output=True, text=True, check=False)
+        signal = "-STOP" if frozen else "-CONT"
+        subprocess.run(["kill", signal, postmaster, *children.stdout.split()], check=True, timeout=10)
+
     def stop(self):
         subprocess.run(
             _as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.directory, "-m", "fast", "-w", "stop"]),
