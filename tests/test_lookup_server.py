@@ -19,8 +19,8 @@ from thor.lookup.ring import HashRing
 from thor.lookup.server import LookupServer, answer
 from thor.lookup.table import LookupTable, RingFollower
 from thor.loopback.process import wait_for
-from thor.membership.entity import make_entity
-from thor.membership.status import StatusCache, merge_presence
+from thor.loopback.statuses import sip_proxy_status_body
+from thor.membership.status import StatusCache
 
 # The checkout (its etc/ and tests/programs/).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,18 +400,6 @@ def test_a_client_that_never_reads_delays_no_one_and_is_dropped():
         served.server.stop()
 
 
-def status_body(version, addresses):
-    """A Thor.Members body of sip_proxy nodes at these addresses."""
-    return {
-        "version": version,
-        "manager": "manager1",
-        "members": {
-            f"node{index}": merge_presence([make_entity(f"node{index}", address, ["sip_proxy"], "0.1.0", 0)])
-            for index, address in enumerate(addresses)
-        },
-    }
-
-
 def test_lookups_stay_correct_and_answered_while_the_status_changes_under_load():
     cache = StatusCache()
     follower = RingFollower(cache)
@@ -437,15 +425,15 @@ def test_lookups_stay_correct_and_answered_while_the_status_changes_under_load()
                 last = now
                 batches.append((int(answers[0]), int(answers[-1]), answers[1:-1]))
 
-    cache.update(status_body(1, sets[1]))
+    cache.update(sip_proxy_status_body(1, sets[1]))
     assert follower.wait(1, timeout=10)
     clients = [gevent.spawn(ask) for _ in range(4)]
     try:
         for version in range(2, 6):  # back to back: the follower coalesces what comes during a build
-            cache.update(status_body(version, sets[version]))
+            cache.update(sip_proxy_status_body(version, sets[version]))
             gevent.sleep(0.15)
         for version in range(6, 9):  # then one at a time, each answered before the next comes
-            cache.update(status_body(version, sets[version]))
+            cache.update(sip_proxy_status_body(version, sets[version]))
             assert follower.wait(version, timeout=20), f"the follower did not reach status {version}"
             wait_for(
                 lambda version=version: any(first == last == version for first, last, _ in batches),

@@ -191,7 +191,7 @@ def test_a_kamailio_started_before_its_thor_node_gives_every_call_its_relay(netw
     for call in calls:
         answered = next(incoming for incoming in callee.incoming if incoming.call_id == call.call_id)
         assert call.media[0] == answered.media[0] and call.media[0] in relays, (call.media, answered.media)
-        assert call.hangup() == 200
+        assert call.hangup() == 200, (call.last_status, call.route_set)
 
 
 def test_relays_publish_their_load_and_ngnpro_shows_it(network):

@@ -65,6 +65,7 @@ class Call:
         self.answered = Event()
         self.ended = Event()
         self.vias_received = 0  # the Vias of the INVITE that reached us (incoming calls)
+        self.last_status = None  # the status line of the last final answer (for test messages)
 
     def send_rtp(self, count, interval=0.02):
         """Send count RTP packets to the other side's media address."""
@@ -212,6 +213,7 @@ class Phone:
             call.call_id, call.cseq, method, lambda: self._send(lines, body), timeout
         )
         code = int(status.split()[1])
+        call.last_status = status
         if method == "INVITE":
             if first and code < 300:
                 call.remote_tag = re.search(r"tag=([^;>\s]+)", headers["to"][0]).group(1)

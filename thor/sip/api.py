@@ -2,6 +2,7 @@
 
     GET  /sip/home/KEY        200 the home node's address | 400 not a key | 503 no sip_proxy node
     GET  /sip/peer/ADDRESS    200 when ADDRESS is a live sip_proxy node (its requests are trusted) | 404
+                              (503 until this node has a network status)
     GET  /sip/domain/DOMAIN   200 when DOMAIN is provisioned | 404
     POST /sip/verify          {"key": KEY, "credentials": {username, realm, method, uri, nonce, nc,
                               cnonce, qop, response}}: 200 ok | 401 wrong | 403 disabled | 404 unknown
@@ -59,9 +60,7 @@ def sip_application(service):
             return _text(start_response, "400 Bad Request", str(problem))
         except (NoMembersError, UnavailableError) as problem:
             log.warning("SIP proxy asked %s %s: %s", what, argument, problem)
-            return _text(
-                start_response, "503 Service UnavailableError", str(problem), [("Retry-After", str(RETRY_AFTER))]
-            )
+            return _text(start_response, "503 Service Unavailable", str(problem), [("Retry-After", str(RETRY_AFTER))])
 
     return application
 
@@ -91,7 +90,7 @@ def _location(service, aor, start_response):
         body = json.dumps(localize(answer["routing"], service.address), separators=(",", ":"))
         return reply(start_response, "200 OK", body, "application/json")
     if result == "offline":
-        return _text(start_response, "480 Temporarily UnavailableError", f"{aor} has no registered device")
+        return _text(start_response, "480 Temporarily Unavailable", f"{aor} has no registered device")
     return _text(start_response, "404 Not Found", f"{aor} is not a subscriber")
 
 

@@ -55,8 +55,13 @@ class SipService:
         return self.rings.table.lookup(roles.SIP_PROXY, key)
 
     def is_peer(self, address):
-        """Whether address is a live sip_proxy member (a node whose SIP requests are trusted)."""
-        return self.rings.table.is_online(address, roles.SIP_PROXY)
+        """Whether address is a live sip_proxy member (a node whose SIP requests are trusted);
+        UnavailableError before the first network status: a "no" then would have Kamailio take a
+        peer's forwarded request for a device's (and store a binding through the wrong node)."""
+        table = self.rings.table
+        if not table.version:
+            raise UnavailableError("no network status yet")
+        return table.is_online(address, roles.SIP_PROXY)
 
     def serves(self, domain):
         """Whether domain is provisioned. UnavailableError until the accounts were loaded once: the
