@@ -24,6 +24,7 @@ VENV_STAMP := $(VENV)/.installed
 APT_PACKAGES := python3 python3-venv python3-pip python3-dev gcc libpq-dev git \
 	python3-gevent python3-cryptography python3-dnspython python3-psycopg2 \
 	python3-spyne python3-zeep python3-requests python3-pytest python3-hypothesis python3-yaml \
+	python3-prometheus-client \
 	kamailio kamailio-python3-modules sip-tester rtpengine-daemon postgresql pdns-server pdns-backend-pgsql \
 	faketime
 PYTEST_ARGS ?=
@@ -33,7 +34,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python python3-all python3-setuptools pybuild
 	lintian fakeroot dpkg-dev apt-utils gnupg
 DEB_TEST_PACKAGES := docker.io debootstrap
 
-.PHONY: test lint format deps venv test-latest test-bookworm deb deb-test molecule demo demo-sip bench clean
+.PHONY: test lint format deps venv promtool test-latest test-bookworm deb deb-test molecule demo demo-sip bench clean
 
 # Bookworm's python3-* stack is tested once, through the packages (deb-test runs the
 # whole suite against them); test-bookworm, the same suite from the source tree,
@@ -66,12 +67,25 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# promtool (tests/test_alerts.py) from Debian's prometheus package, unpacked: no server is
+# installed or started on this machine.
+PROMTOOL := build/prometheus/usr/bin/promtool
+
+$(PROMTOOL):
+	rm -rf build/prometheus && mkdir -p build/prometheus/download
+	cd build/prometheus/download && { apt-get download prometheus 2>/dev/null || \
+		{ apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x build/prometheus/download/prometheus_*.deb build/prometheus
+	$@ --version >/dev/null
+
+promtool: $(PROMTOOL)
+
 # The latest releases from PyPI, as a developer has them.
-test-latest: venv
+test-latest: venv $(PROMTOOL)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Debian bookworm's packages, as the servers have them: no venv, no pip.
-test-bookworm: deps
+test-bookworm: deps $(PROMTOOL)
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR) $(DEBIAN_PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 BENCHES := eventserver membership dns lookup ngnpro sip media scale

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from thor.loopback.network import Overlay
 from thor.loopback.pki import ScratchPKI
 
 
@@ -16,6 +17,14 @@ def pki(tmp_path):
 @pytest.fixture
 def other_pki(tmp_path):
     return ScratchPKI(tmp_path / "other-pki")
+
+
+@pytest.fixture
+def overlay(tmp_path, pki):
+    """An Overlay of processes on loopback (thor.loopback.network), closed after the test."""
+    network = Overlay(str(tmp_path), pki)
+    yield network
+    network.close()
 
 
 def pytest_collection_finish(session):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from thor.dns.embedded import EmbeddedZone
 from thor.dns.records import ZoneSettings, zone_records
-from thor.loopback.network import EventServerProcess, Overlay, wait_status
+from thor.loopback.network import EventServerProcess, wait_status
 from thor.loopback.postgresql import SCHEMA, PostgreSQL, PowerDNS
 from thor.loopback.process import free_port, wait_for
 from thor.membership.entity import make_entity
@@ -66,13 +66,6 @@ def test_record_set_of_a_status():
 
 
 # -- a network with thor-dns ----------------------------------------------------
-
-
-@pytest.fixture
-def overlay(tmp_path, pki):
-    network = Overlay(str(tmp_path), pki)
-    yield network
-    network.close()
 
 
 def start_network(overlay):
@@ -243,8 +236,17 @@ def test_embedded_backend(overlay):
     dns_program.wait_log("zone sipthor.test serial")
     wait_for(lambda: len(set(resolve_rfc3263(server))) >= 1, message="zone served")
     serial_before = query(server, f"{DOMAIN}.", "SOA").answer[0][0].serial
+    before = dns_program.scrape()
+    assert before.value("thor_dns_records", type="A") >= len(NODES)
     serial_after = check_network_in_dns(overlay, observer, server)
     assert serial_after > serial_before
+    # The metrics follow: node4's A record gone, one more update, timed from the status change.
+    after = dns_program.scrape()
+    assert after.value("thor_dns_records", type="A") == before.value("thor_dns_records", type="A") - 1
+    assert after.value("thor_dns_updates_total") > before.value("thor_dns_updates_total")
+    assert after.value("thor_dns_update_seconds_count") > before.value("thor_dns_update_seconds_count")
+    assert after.value("thor_dns_update_seconds_bucket", le="1.0") == after.value("thor_dns_update_seconds_count")
+    assert after.value("thor_dns_backend_errors_total") == 0
     # Answers over TCP too.
     assert query(server, f"node1.{DOMAIN}.", "A", tcp=True).answer[0][0].to_text() == "127.0.0.11"
     # Outside the zone: refused; unknown names: NXDOMAIN with the SOA.
@@ -367,6 +369,7 @@ def test_powerdns_database_away_then_back(overlay, postgresql, tmp_path):
     overlay.programs["node3"].kill()
     wait_status(observer, lambda s: "node3" not in s.members, message="node3 gone")
     dns_program.wait_log("cannot apply network status", timeout=10)
+    assert dns_program.scrape().value("thor_dns_backend_errors_total") >= 1
     postgresql.start()
     # Retried until the database is back; then the zone equals the current status.
     wait_for(lambda: dns_program.log().count("zone sipthor.test serial") >= 2, timeout=15, message="applied again")

@@ -13,18 +13,11 @@ import time
 import pytest
 
 from thor.loopback.kamailio import Kamailio
-from thor.loopback.network import EventServerProcess, Overlay, members, wait_status
+from thor.loopback.network import EventServerProcess, members, wait_status
 from thor.loopback.process import free_port, wait_for
 from thor.loopback.proxy import CuttableRelay
 
 EVERYONE = {"manager1", "manager2", "node1", "node2"}
-
-
-@pytest.fixture
-def overlay(tmp_path, pki):
-    network = Overlay(str(tmp_path), pki)
-    yield network
-    network.close()
 
 
 def start_network(overlay, managers=2):

@@ -231,8 +231,19 @@ def test_ngnpro_takes_calls_only_once_it_has_a_network_status(tmp_path, pki, pos
 def test_domains_accounts_and_aliases_with_clear_faults(network):
     network.start_node("node1")
     soap = network.client()
+    before = network.ngnpro.scrape()
     assert fault_code(soap.addAccount, account("alice")) == "Client.NotFound"  # no domain yet
     soap.addDomain(DOMAIN)
+    # Each call counted under its operation and outcome, and timed.
+    after = network.ngnpro.scrape()
+    calls = "thor_ngnpro_calls_total"
+    for operation, outcome in (("addAccount", "Client.NotFound"), ("addDomain", "ok")):
+        count_before = before.value(calls, operation=operation, outcome=outcome) or 0
+        assert after.value(calls, operation=operation, outcome=outcome) == count_before + 1, (operation, outcome)
+    seconds = after.value("thor_ngnpro_call_seconds_count", operation="addDomain")
+    assert seconds == (before.value("thor_ngnpro_call_seconds_count", operation="addDomain") or 0) + 1
+    assert after.value("thor_ngnpro_pushes_total") == before.value("thor_ngnpro_pushes_total") + 1
+    assert after.value("thor_ngnpro_active") == 1
     assert fault_code(soap.addDomain, DOMAIN) == "Client.Conflict"
     assert fault_code(soap.addDomain, "not a domain") == "Client.InvalidInput"
     soap.addAccount(account("alice", firstName="Alice", email="alice@example.org"))
@@ -329,9 +340,11 @@ def test_the_account_cache_interface_for_the_sip_proxy(network):
 def test_database_down_is_a_fault_and_nothing_is_acknowledged(network):
     soap = network.client()
     soap.addDomain(DOMAIN)
+    errors = network.ngnpro.scrape().value("thor_ngnpro_database_errors_total")
     network.postgresql.stop()
     try:
         assert fault_code(soap.addAccount, account("carol")) == "Server.DatabaseUnavailable"
+        assert network.ngnpro.scrape().value("thor_ngnpro_database_errors_total") > errors
     finally:
         network.postgresql.start()
     wait_for(lambda: _added(soap, "carol"), timeout=20, message="provisioning again once PostgreSQL is back")

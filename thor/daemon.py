@@ -22,6 +22,7 @@ from gevent.event import Event
 
 from thor import __version__
 from thor.config import DEFAULT_CONFIG_PATH, ConfigError, TLSConfig, load_config
+from thor.metrics import MetricsConfig, MetricsServer, gauge, tls_expiry_families
 from thor.transport.tls import TLSContexts, TLSError
 
 __all__ = ["EX_CONFIG", "Daemon", "StartupError", "configure_logging", "raise_file_limit", "run"]
@@ -47,6 +48,8 @@ class Daemon:
     program = "thor"
     description = None
     sections = (TLSConfig,)
+    # Whether the program serves /metrics ([Metrics] has a key for each that does).
+    serves_metrics = True
 
     def __init__(self, config, options):
         self.config = config
@@ -82,6 +85,17 @@ class Daemon:
     def reload(self):
         if self.tls is not None:
             self.tls.reload()
+
+    def metric_families(self):
+        """The program's metric families at a scrape (docs/metrics.md); subclasses add theirs."""
+        yield gauge(
+            "thor_build_info",
+            "The program and its version.",
+            labels=["program", "version"],
+            samples=[([self.program, __version__], 1)],
+        )
+        if self.tls is not None:
+            yield from tls_expiry_families(self.tls)
 
 
 def raise_file_limit(wanted):
@@ -134,14 +148,20 @@ def run(daemon_class, argv=None):
     configure_logging(program, options.debug)
     log = logging.getLogger(program)
 
+    section_classes = (*daemon_class.sections, MetricsConfig) if daemon_class.serves_metrics else daemon_class.sections
+    metrics = None
     try:
         path = options.config or DEFAULT_CONFIG_PATH
-        sections = load_config(path, *daemon_class.sections, required=options.config is not None)
-        daemon = daemon_class(dict(zip(daemon_class.sections, sections, strict=True)), options)
+        sections = load_config(path, *section_classes, required=options.config is not None)
+        config = dict(zip(section_classes, sections, strict=True))
+        daemon = daemon_class(config, options)
+        metrics = _metrics_server(daemon, config.get(MetricsConfig))
         daemon.start()
     except (ConfigError, StartupError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         return EX_CONFIG
+    if metrics is not None:
+        metrics.start()
 
     stopping = daemon.stopping
 
@@ -159,9 +179,27 @@ def run(daemon_class, argv=None):
     gevent.signal_handler(signal.SIGUSR1, _toggle_debug, log)
     log.info("%s %s started", program, __version__)
     stopping.wait()
+    if metrics is not None:
+        metrics.stop()
     daemon.stop()
     log.info("%s stopped", program)
     return daemon.exit_status
+
+
+def _metrics_server(daemon, config):
+    """The program's metrics server with its port taken, or None when [Metrics] turns it off."""
+    listen = config.listen_of(daemon.program) if config is not None else None
+    if listen is None:
+        return None
+    server = MetricsServer(listen, daemon.metric_families, config.allow)
+    try:
+        server.bind()
+    except OSError as error:
+        raise StartupError(
+            f"cannot serve metrics on {listen[0]}:{listen[1]} ([Metrics] {daemon.program.removeprefix('thor-')}): "
+            f"{error.strerror or error}"
+        ) from None
+    return server
 
 
 def _reload(daemon, log):

@@ -21,6 +21,7 @@ __all__ = [
     "Float",
     "Integer",
     "NameList",
+    "NetworkList",
     "Path",
     "Port",
     "String",
@@ -159,14 +160,19 @@ class DomainName(Datatype):
 
 
 class Endpoint(Datatype):
-    """host[:port] or [ipv6]:port; host is an IP address or a DNS name."""
+    """host[:port] or [ipv6]:port; host is an IP address or a DNS name (allow_empty: "" is None)."""
 
-    def __init__(self, default_port):
+    def __init__(self, default_port, allow_empty=False):
         self.default_port = default_port
+        self.allow_empty = allow_empty
         self.expected = f"host[:port] (port defaults to {default_port}; IPv6 as [addr]:port)"
+        if allow_empty:
+            self.expected += ", or nothing"
 
     def parse(self, text):
         text = text.strip()
+        if not text and self.allow_empty:
+            return None
         host, port = text, self.default_port
         if text.startswith("["):
             end = text.find("]")
@@ -222,6 +228,22 @@ class EndpointList(Datatype):
                 except ValueError:
                     raise ValueError(f"{self.expected}; {item.strip()!r} is not one") from None
         return tuple(endpoints)
+
+
+class NetworkList(Datatype):
+    """A comma separated list of IP addresses or networks (192.0.2.7, 10.0.0.0/8, 2001:db8::/32)."""
+
+    expected = "a comma separated list of IP addresses or networks"
+
+    def parse(self, text):
+        networks = []
+        for item in text.split(","):
+            if item.strip():
+                try:
+                    networks.append(ipaddress.ip_network(item.strip(), strict=False))
+                except ValueError:
+                    raise ValueError(f"{self.expected}; {item.strip()!r} is not one") from None
+        return tuple(networks)
 
 
 class NameList(Datatype):

@@ -17,10 +17,20 @@ import gevent
 
 from thor import roles
 from thor.datatypes import Datatype, Endpoint
+from thor.metrics import gauge
 from thor.roles import RoleError, check_role_name
 from thor.transport import bencode
 
-__all__ = ["DEFAULT_CHECKS", "Check", "CheckList", "RoleHealth", "parse_check", "watch", "withdrawn_roles"]
+__all__ = [
+    "DEFAULT_CHECKS",
+    "Check",
+    "CheckList",
+    "RoleHealth",
+    "health_families",
+    "parse_check",
+    "watch",
+    "withdrawn_roles",
+]
 
 # What the built-in roles' software listens on by default.
 DEFAULT_CHECKS = {
@@ -149,7 +159,16 @@ class RoleHealth:
         self.role, self.check = role, check
         self.failures, self.successes = failures, successes
         self.up = False
+        self.check_seconds = None  # how long the last check took
         self._streak = 0
+
+    def probe(self, timeout):
+        """Run the check once; whether it answered (its duration in check_seconds)."""
+        started = time.monotonic()
+        try:
+            return self.check.probe(timeout)
+        finally:
+            self.check_seconds = time.monotonic() - started
 
     @property
     def reason(self):
@@ -172,8 +191,25 @@ def watch(health, interval, timeout, on_change):
     """Check health every interval seconds forever; on_change(health) when the role goes up or down."""
     while True:
         gevent.sleep(interval)
-        if health.record(health.check.probe(timeout)):
+        if health.record(health.probe(timeout)):
             on_change(health)
+
+
+def health_families(healths):
+    """The metric families of the roles' health checks (docs/metrics.md)."""
+    healths = sorted(healths, key=lambda health: health.role)
+    yield gauge(
+        "thor_role_up",
+        "1 when the role's health check passes (the role is announced), 0 when it is withdrawn.",
+        labels=["role"],
+        samples=[([health.role], int(health.up)) for health in healths],
+    )
+    yield gauge(
+        "thor_health_check_seconds",
+        "How long the role's last health check took.",
+        labels=["role"],
+        samples=[([health.role], health.check_seconds) for health in healths if health.check_seconds is not None],
+    )
 
 
 def withdrawn_roles(healths):

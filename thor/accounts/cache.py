@@ -32,6 +32,7 @@ from gevent.event import Event
 from thor import roles
 from thor.accounts.protocol import ACCOUNTS_WANTED, EVERYONE_KEEPS, KINDS, PROVISIONING, accounts_topic
 from thor.lookup.ring import InvalidKeyError, normalize_key
+from thor.metrics import Histogram
 from thor.transport.http import reply
 
 __all__ = ["AccountCache", "accounts_application"]
@@ -42,6 +43,8 @@ ROLE = roles.SIP_PROXY
 PROVIDER = roles.PROVISIONING_SERVER
 # How long a deletion is remembered: longer than any change can be on its way from NGNPro.
 TOMBSTONE_SECONDS = 120.0
+# Account loads take from milliseconds (a few hundred entries) to minutes (millions).
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Entry:
@@ -60,8 +63,10 @@ class AccountCache:
         self.request_timeout = request_timeout
         self.entries = {}
         self.loads = 0
+        self.load_seconds = Histogram(LOAD_BUCKETS)  # from the request to the last part
         self._stamps = itertools.count(1)
         self._requests = itertools.count(1)
+        self._load_started = 0.0
         self._pending = None  # the load in progress: (request id, stamp when asked, next part, keys seen)
         self._wanted = Event()
         self._loaded = Event()
@@ -146,6 +151,7 @@ class AccountCache:
             while self.rings.table.ring(ROLE) is not None and self._owns_something():
                 request = f"{self.member.name}-{next(self._requests)}"
                 self._pending = (request, next(self._stamps), 0, set())
+                self._load_started = time.monotonic()
                 self._loaded.clear()
                 self.member.client.publish(
                     ACCOUNTS_WANTED,
@@ -207,6 +213,7 @@ class AccountCache:
                 del self.entries[key]
             self._pending = None
             self.loads += 1
+            self.load_seconds.observe(time.monotonic() - self._load_started)
             self._loaded.set()
             log.info("account request %s: %d entries owned, %d dropped", request, len(seen), len(stale))
 

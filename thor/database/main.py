@@ -22,7 +22,7 @@ from thor import roles
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import run
 from thor.database.config import DatabaseConfig
-from thor.health import Check, RoleHealth, watch, withdrawn_roles
+from thor.health import Check, RoleHealth, health_families, watch, withdrawn_roles
 from thor.membership.program import MemberDaemon
 
 ROLE = roles.DATABASE
@@ -39,7 +39,7 @@ class DatabaseDaemon(MemberDaemon):
         host = settings.host or "127.0.0.1"
         check = Check("tcp", host, settings.port) if settings.check else Check("none")
         self.health = RoleHealth(ROLE, check, failures=2, successes=2)
-        self.health.up = self.health.check.probe(settings.check_timeout)
+        self.health.up = self.health.probe(settings.check_timeout)
         self.log.info("database check %s is %s", check, "up" if self.health.up else "DOWN")
         return [ROLE] if self.health.up else []
 
@@ -63,6 +63,10 @@ class DatabaseDaemon(MemberDaemon):
         self._checker = gevent.spawn(
             watch, self.health, settings.check_interval, settings.check_timeout, self._health_changed
         )
+
+    def metric_families(self):
+        yield from super().metric_families()
+        yield from health_families([self.health])
 
     def teardown(self):
         self._checker.kill(block=False)

@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import collections
 import sys
 import time
 
@@ -18,9 +19,11 @@ from thor.dns.embedded import EmbeddedZone
 from thor.dns.powerdns import PowerDNSZone
 from thor.dns.records import ZoneSettings, zone_records
 from thor.membership.program import MemberDaemon
+from thor.metrics import Histogram, counter, gauge, histogram
 from thor.pgsql import make_dsn
 
 ROLE = roles.DNS_MANAGER
+UPDATE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class DNSDaemon(MemberDaemon):
@@ -58,9 +61,39 @@ class DNSDaemon(MemberDaemon):
             self.backend = PowerDNSZone(dsn, config.powerdns_schema)
         self.applied = None
         self.serial = 0
+        self.updates = 0
+        self.backend_errors = 0
+        self.update_seconds = Histogram(UPDATE_BUCKETS)  # from a status change to the zone holding it
+        self._changed_at = None  # when the status changed that is not applied yet
         self._wanted = Event()
-        self.member.status.on_change(lambda old, new: self._wanted.set())
+        self.member.status.on_change(self._status_changed)
         self._worker = gevent.spawn(self._work)
+
+    def _status_changed(self, old, new):
+        if self._changed_at is None:
+            self._changed_at = time.monotonic()
+        self._wanted.set()
+
+    def metric_families(self):
+        yield from super().metric_families()
+        counts = collections.Counter()
+        for rrset in (self.applied or {}).values():
+            counts[rrset.rdtype] += len(rrset.rdatas)
+        yield gauge(
+            "thor_dns_records",
+            "Records in the zone, by type.",
+            labels=["type"],
+            samples=[([rdtype], count) for rdtype, count in sorted(counts.items())],
+        )
+        yield counter("thor_dns_updates", "Network statuses applied to the zone.", self.updates)
+        yield histogram(
+            "thor_dns_update_seconds",
+            "From a network status change to the zone holding it.",
+            samples=[((), self.update_seconds)],
+        )
+        yield counter(
+            "thor_dns_backend_errors", "Updates the backend refused or could not take (retried).", self.backend_errors
+        )
 
     def teardown(self):
         self._worker.kill()
@@ -78,10 +111,12 @@ class DNSDaemon(MemberDaemon):
             status = self.member.status.status
             records = zone_records(status, self.zone_settings)
             if records == self.applied:
+                self._changed_at = None
                 continue
             try:
                 self._apply(records, status)
             except Exception as error:
+                self.backend_errors += 1
                 self.log.error(
                     "cannot apply network status v%d to DNS (retrying in %gs): %s", status.version, retry, error
                 )
@@ -89,6 +124,10 @@ class DNSDaemon(MemberDaemon):
                 self._wanted.set()
                 continue
             self.applied = records
+            self.updates += 1
+            if self._changed_at is not None:
+                self.update_seconds.observe(time.monotonic() - self._changed_at)
+                self._changed_at = None
 
     def _apply(self, records, status):
         if self.config[DNSConfig].backend == "embedded":

@@ -14,6 +14,7 @@ from thor.eventserver.config import EventServerConfig
 from thor.eventserver.server import EventServer, Limits
 from thor.identity import Identity, IdentityError, announced_address
 from thor.membership.entity import make_entity
+from thor.metrics import counter, gauge
 
 ROLE = roles.EVENT_SERVER
 
@@ -55,6 +56,35 @@ class EventServerDaemon(Daemon):
             self.server.listen_tls(config.listen, self.tls)
         except OSError as error:
             raise StartupError(f"cannot listen on {config.listen[0]}:{config.listen[1]}: {error.strerror}") from None
+
+    def metric_families(self):
+        yield from super().metric_families()
+        server = self.server
+        yield gauge(
+            "thor_eventserver_members",
+            "Members connected, by role.",
+            labels=["role"],
+            samples=[([role], count) for role, count in sorted(server.members_by_role().items())],
+        )
+        yield gauge("thor_eventserver_connections", "Members connected (past the hello).", len(server.connections))
+        refused = server.tls_refused + server.refused
+        yield counter(
+            "thor_eventserver_refused",
+            "Connections refused or cut off, by reason.",
+            labels=["reason"],
+            samples=[([reason], count) for reason, count in sorted(refused.items())],
+        )
+        traffic = server.traffic
+        yield counter("thor_eventserver_received_frames", "Frames received from members.", traffic.frames_in)
+        yield counter("thor_eventserver_received_bytes", "Bytes received from members.", traffic.bytes_in)
+        yield counter("thor_eventserver_sent_frames", "Frames queued to members.", traffic.frames_out)
+        yield counter("thor_eventserver_sent_bytes", "Bytes queued to members.", traffic.bytes_out)
+        yield gauge(
+            "thor_eventserver_send_queue_max_bytes",
+            "The longest send queue of a member now.",
+            server.largest_send_queue(),
+        )
+        yield gauge("thor_eventserver_retained_bytes", "Bytes retained for later subscribers.", server.retained_bytes())
 
     def stop(self):
         self.server.stop(timeout=2)

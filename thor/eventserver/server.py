@@ -89,6 +89,7 @@ class Connection:
 
     def __init__(self, server, connection_id, tls_socket, identity):
         self.id = connection_id
+        self.server = server
         self.socket = tls_socket
         self.identity = identity
         self.subscriptions = set()
@@ -120,6 +121,7 @@ class Connection:
         }
 
     def send(self, frame):
+        self.server.traffic.sent(frame)
         self.writer.send(frame)
 
     def catch_up(self, topic, frames):
@@ -131,6 +133,7 @@ class Connection:
         beyond_bound = previous is None or previous < self.writer.batches
         self.catch_ups[topic] = self.writer.batches
         for frame in frames:
+            self.server.traffic.sent(frame)
             self.writer.send(frame, catch_up=beyond_bound)
 
     def refuse(self, code, message, **details):
@@ -138,6 +141,7 @@ class Connection:
         self.send(ProtocolError(code, message, **details).frame())
 
     def _overflow(self):
+        self.server.refused[protocol.SLOW_CONSUMER] += 1
         log.warning("disconnecting %s: send queue over %d bytes, it does not keep up", self, self.writer.limit)
 
 
@@ -155,6 +159,10 @@ class EventServer:
         self.session = os.urandom(8).hex()
         self._sequence = itertools.count(1)
         self._connection_ids = itertools.count(1)
+        self.traffic = Traffic()
+        # Connections cut off by the server, by reason (the protocol's error codes, slow-consumer);
+        # the TLS listener counts those refused before the hello (self.tls_refused).
+        self.refused = collections.Counter()
         self._presence_frame = None
         if presence is not None:
             self._presence_frame = protocol.encode(
@@ -192,6 +200,30 @@ class EventServer:
         self._hand_out_crl(contexts)
         log.info("event server %s listening on %s", self.name, format_address(self.address))
 
+    @property
+    def tls_refused(self):
+        """Connections the TLS listener refused or cut off, by reason (TLSServer.refused)."""
+        return self._tls_server.refused if self._tls_server is not None else collections.Counter()
+
+    def members_by_role(self):
+        """{role: connected members holding it}."""
+        counts = collections.Counter()
+        for connection in self.connections.values():
+            counts.update(connection.identity.roles)
+        return counts
+
+    def retained_bytes(self):
+        return sum(
+            len(frame)
+            for connection in self.connections.values()
+            for frames in connection.retained.values()
+            for frame in frames
+        )
+
+    def largest_send_queue(self):
+        """The bytes queued for the slowest member now."""
+        return max((connection.writer.queued_bytes for connection in self.connections.values()), default=0)
+
     def stop(self, timeout=5):
         """Close the listener and every member's connection."""
         if self._contexts is not None:
@@ -211,6 +243,7 @@ class EventServer:
             tls_socket.settimeout(self.limits.handshake_timeout)
             self._read_loop(connection, decoder)
         except ProtocolError as error:
+            self.refused[error.code] += 1
             log.warning("disconnecting %s: %s (%s)", connection, error.message, error.code)
             connection.send(error.frame())
         except OSError as error:  # ssl.SSLError included
@@ -246,6 +279,7 @@ class EventServer:
                 payloads = decoder.feed(data)
             except FrameError as error:
                 raise ProtocolError(protocol.OVERSIZED, str(error)) from None
+            self.traffic.received(len(data), len(payloads))
             for payload in payloads:
                 self._dispatch(connection, protocol.decode(payload))
             # recv() on a busy socket returns without yielding: let the writers
@@ -498,6 +532,23 @@ class EventServer:
             },
             protocol.MAX_SERVER_FRAME_SIZE,
         )
+
+
+class Traffic:
+    """Frames and bytes in and out, as plain counters (read at a scrape)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "frames_in", "frames_out")
+
+    def __init__(self):
+        self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+
+    def received(self, size, frames):
+        self.bytes_in += size
+        self.frames_in += frames
+
+    def sent(self, frame):
+        self.bytes_out += len(frame)
+        self.frames_out += 1
 
 
 def _retained_bytes(retained, but):

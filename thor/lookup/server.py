@@ -12,6 +12,7 @@ docs/lookup-protocol.md is the reference; thor.transport.lines serves it
 with its bounds (line length, connections, idle time, unread answers).
 """
 
+import collections
 import ipaddress
 
 from thor.lookup.ring import InvalidKeyError
@@ -19,7 +20,9 @@ from thor.lookup.table import NoMembersError
 from thor.roles import RoleError, check_role_name
 from thor.transport.lines import LineServer, error
 
-__all__ = ["LookupServer", "answer"]
+__all__ = ["COMMANDS", "LookupServer", "answer"]
+
+COMMANDS = ("lookup", "is_online", "members", "roles", "version", "quit")
 
 
 def answer(table, line):
@@ -83,4 +86,12 @@ class LookupServer(LineServer):
     """The lookup interface over TCP, answering from the table table_source() returns at each query."""
 
     def __init__(self, listen, table_source, **limits):
-        super().__init__(listen, lambda line: answer(table_source(), line), "lookup interface", **limits)
+        super().__init__(listen, self._answer, "lookup interface", **limits)
+        self._table_source = table_source
+        self.queries = collections.Counter()  # answered, by command (other: not a command)
+
+    def _answer(self, line):
+        words = line.split(None, 1)
+        command = words[0].lower() if words else ""
+        self.queries[command if command in COMMANDS else "other"] += 1
+        return answer(self._table_source(), line)

@@ -13,6 +13,8 @@ import time
 import gevent
 
 import thor
+from thor.loopback.metrics import scrape
+from thor.metrics import DEFAULT_PORTS
 
 __all__ = [
     "PACKAGE_ROOT",
@@ -154,12 +156,20 @@ class Program:
         os.makedirs(directory, exist_ok=True)
         self.name = name
         self.config = os.path.join(directory, f"{name}.ini")
+        # Many programs share this host: each gets its own free metrics ports (docs/metrics.md).
+        self.metrics = {key: ("127.0.0.1", free_port()) for key in DEFAULT_PORTS}
+        metrics_section = {key: f"{host}:{port}" for key, (host, port) in self.metrics.items()}
+        if isinstance(sections, str):
+            text = sections if "[Metrics]" in sections else sections + "\n" + config_text({"Metrics": metrics_section})
+        else:
+            text = config_text({"Metrics": metrics_section, **sections})
         with open(self.config, "w") as stream:
-            stream.write(sections if isinstance(sections, str) else config_text(sections))
+            stream.write(text)
         self.log_path = os.path.join(directory, f"{name}.log")
         self.stdout_path = os.path.join(directory, f"{name}.out")
         env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT)
         with open(self.log_path, "wb") as log, open(self.stdout_path, "wb") as out:
+            self.command = command
             self.process = subprocess.Popen(
                 [python, *command, "--config", self.config, *arguments],
                 stderr=log,
@@ -173,6 +183,11 @@ class Program:
     @property
     def pid(self):
         return self.process.pid
+
+    def scrape(self):
+        """This program's /metrics now (thor.loopback.metrics.Samples)."""
+        module = next(part for part in self.command if part.startswith("thor."))
+        return scrape(self.metrics[module.split(".")[1]])
 
     def log(self):
         with open(self.log_path, errors="replace") as stream:

@@ -75,6 +75,8 @@ class Manager:
         self._recent = collections.deque(maxlen=STORM)  # when the latest changes went out (monotonic)
         self._pending = None
         self._ticker = None
+        self.publications = collections.Counter()  # by kind: snapshot, changes, periodic
+        self.elections = 0  # how often the active manager changed, as this manager saw it
 
     def start(self):
         """Follow the bus (before the client connects) and evaluate the election from now on."""
@@ -181,6 +183,7 @@ class Manager:
     def _elect_and_publish(self, periodic):
         active_name = self.view.active_manager()
         if active_name != self.active_name:
+            self.elections += 1
             self.active_name = active_name
             self.active = active_name == self.name
             if self.active:
@@ -214,6 +217,7 @@ class Manager:
             self._publish_snapshot(published, deliver=False)
         elif periodic:
             self.client.publish(MEMBERS, current_body(published))
+            self.publications["periodic"] += 1
 
     def _stand_down(self):
         """No longer active: our log on the servers shrinks to the version it ended at, which
@@ -231,6 +235,7 @@ class Manager:
             self.client.publish(MEMBERS, body, retain=retain, deliver=deliver)
             size += len(protocol.encode(body, protocol.MAX_SERVER_FRAME_SIZE))
         self.published, self.snapshot_bytes, self.changes_bytes, self._compact = status, size, 0, False
+        self.publications["snapshot"] += 1
         if deliver:
             self._recent.append(time.monotonic())
         self.highest_version = max(self.highest_version, status.version)
@@ -244,6 +249,7 @@ class Manager:
             self._publish_snapshot(new, deliver=True)
             return
         self.client.publish(MEMBERS, body, retain=protocol.APPEND)
+        self.publications["changes"] += 1
         self._recent.append(time.monotonic())
         self.published = new
         self.highest_version = max(self.highest_version, new.version)

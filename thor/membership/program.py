@@ -6,6 +6,7 @@ from thor.events.client import EventClient
 from thor.events.crl import CRLExchange
 from thor.identity import Identity, IdentityError, announced_address
 from thor.membership.member import OverlayMember
+from thor.metrics import gauge
 
 __all__ = ["MemberDaemon"]
 
@@ -69,6 +70,22 @@ class MemberDaemon(Daemon):
 
     def teardown(self):
         """Stop local services; runs before the member leaves."""
+
+    def metric_families(self):
+        yield from super().metric_families()
+        links = list(self.client.links.values())
+        yield gauge("thor_eventserver_links", "Event servers this member knows (configured or discovered).", len(links))
+        yield gauge(
+            "thor_eventserver_links_up",
+            "Event servers this member is connected to.",
+            sum(link.connected for link in links),
+        )
+        if self.follow_status:
+            yield gauge(
+                "thor_status_version",
+                "The version of the network status this member holds.",
+                self.member.status.status.version,
+            )
 
     def stop(self):
         self.teardown()

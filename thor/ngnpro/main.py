@@ -26,6 +26,7 @@ from thor.daemon import StartupError, run
 from thor.events.topics import STATISTICS
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
+from thor.metrics import counter, gauge, histogram
 from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
 from thor.ngnpro.provisioning import Provisioning
 from thor.ngnpro.soap import wsgi_application
@@ -101,12 +102,12 @@ class NGNProDaemon(MemberDaemon):
         # node's TLS files (the default; a separate HTTPS certificate changes with them or at restart).
         self.tls.add_reload_callback(lambda _contexts: self._reload_https(context, https_files))
         try:
+            self.soap = wsgi_application(
+                self.provisioning, LoginThrottle(settings.login_failures, settings.login_window, settings.login_penalty)
+            )
             self.server = HTTPServer(
                 settings.listen,
-                wsgi_application(
-                    self.provisioning,
-                    LoginThrottle(settings.login_failures, settings.login_window, settings.login_penalty),
-                ),
+                self.soap,
                 http_log,
                 max_connections=MAX_CLIENTS,
                 max_connections_per_source=MAX_CLIENTS_PER_SOURCE,
@@ -133,6 +134,34 @@ class NGNProDaemon(MemberDaemon):
             context.load_cert_chain(*files)
         except (OSError, ssl.SSLError) as problem:
             self.log.error("keeping the HTTPS certificate in use: %s or %s cannot be loaded: %s", *files, problem)
+
+    def metric_families(self):
+        yield from super().metric_families()
+        calls = self.soap.calls
+        yield counter(
+            "thor_ngnpro_calls",
+            "SOAP calls, by operation and outcome (ok, or the fault code).",
+            labels=["operation", "outcome"],
+            samples=[([operation, outcome], count) for (operation, outcome), count in sorted(calls.outcomes.items())],
+        )
+        yield histogram(
+            "thor_ngnpro_call_seconds",
+            "How long SOAP calls took, by operation.",
+            labels=["operation"],
+            samples=[((operation,), seconds) for operation, seconds in sorted(calls.seconds.items())],
+        )
+        yield counter(
+            "thor_ngnpro_database_errors", "Transactions the provisioning database failed.", self.store.errors
+        )
+        yield counter(
+            "thor_ngnpro_pushes", "Batches of committed changes pushed to the nodes.", self.provisioning.pushed
+        )
+        yield counter(
+            "thor_ngnpro_unpushed_changes",
+            "Committed changes no event server took (nodes reload them).",
+            self.provisioning.unpublished,
+        )
+        yield gauge("thor_ngnpro_active", "1 when this NGNPro answers the nodes' account requests.", int(self.active()))
 
     def teardown(self):
         self._calls_taken.kill(block=False)

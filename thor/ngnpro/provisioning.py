@@ -42,6 +42,7 @@ class Provisioning:
         self.usage = usage if usage is not None else {}
         self.relays = relays if relays is not None else {}
         self.unpublished = 0
+        self.pushed = 0  # batches of committed changes pushed to the nodes
 
     def authenticate(self, username, password):
         # Both compared every time, in constant time: a wrong username takes as long as a wrong password.
@@ -51,7 +52,9 @@ class Provisioning:
 
     def _publish(self, changes):
         for batch in record_batches(changes):  # (deleting an account takes its aliases: maybe thousands)
-            if not self.client.publish(PROVISIONING, {"changes": batch}):
+            if self.client.publish(PROVISIONING, {"changes": batch}):
+                self.pushed += 1
+            else:
                 # Committed but not pushed: the nodes' periodic reload brings it.
                 self.unpublished += len(batch)
                 log.warning("no event server: %d committed changes reach the nodes on their next reload", len(batch))

@@ -15,7 +15,9 @@ urn:AGProjects:NGNPro. Faults have codes a client can act on:
 docs/provisioning.md is the reference.
 """
 
+import collections
 import logging
+import time
 import warnings
 
 with warnings.catch_warnings():  # spyne 2.14 imports the cgi module, deprecated in Python 3.11
@@ -24,12 +26,13 @@ with warnings.catch_warnings():  # spyne 2.14 imports the cgi module, deprecated
     from spyne.protocol.soap import Soap11
     from spyne.server.wsgi import WsgiApplication
 
+from thor.metrics import Histogram
 from thor.ngnpro.model import InvalidInputError
 from thor.ngnpro.store import ConflictError, NotFoundError, OutcomeUnknownError, StoreUnavailableError
 from thor.ngnpro.throttle import LoginThrottle
 from thor.transport.http import reply
 
-__all__ = ["NAMESPACE", "wsgi_application"]
+__all__ = ["NAMESPACE", "CallStatistics", "wsgi_application"]
 
 log = logging.getLogger("thor.ngnpro")
 # spyne logs every fault with a traceback; client faults are answers, not errors, and
@@ -37,6 +40,8 @@ log = logging.getLogger("thor.ngnpro")
 logging.getLogger("spyne.application.client").setLevel(logging.CRITICAL)
 logging.getLogger("spyne.application").setLevel(logging.CRITICAL)
 
+# SOAP calls take milliseconds; a slow database makes seconds of them.
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 NAMESPACE = "urn:AGProjects:NGNPro"
 SIP_NAMESPACE = f"{NAMESPACE}:SipPort"
 NETWORK_NAMESPACE = f"{NAMESPACE}:NetworkPort"
@@ -108,7 +113,35 @@ class NodeStatistics(ComplexModel):
     relayedPackets = Long
 
 
+class CallStatistics:
+    """SOAP calls by operation and outcome (ok, or the fault code), and how long they took."""
+
+    def __init__(self):
+        self.outcomes = collections.Counter()  # (operation, outcome) -> calls
+        self.seconds = collections.defaultdict(lambda: Histogram(CALL_BUCKETS))  # operation -> Histogram
+
+    def record(self, operation, outcome, seconds):
+        self.outcomes[(operation, outcome)] += 1
+        self.seconds[operation].observe(seconds)
+
+
 def _call(ctx, operation, *args):
+    """_answer, counted and timed in ctx.app.calls under the SOAP operation's name."""
+    name = getattr(getattr(ctx, "descriptor", None), "name", None) or operation
+    started = time.monotonic()
+    outcome = "Server.Internal"
+    try:
+        result = _answer(ctx, operation, *args)
+        outcome = "ok"
+        return result
+    except Fault as fault:
+        outcome = fault.faultcode
+        raise
+    finally:
+        ctx.app.calls.record(name, outcome, time.monotonic() - started)
+
+
+def _answer(ctx, operation, *args):
     """Authenticate, run the provisioning operation, turn errors into coded faults."""
     provisioning = ctx.app.provisioning
     throttle = ctx.app.login_throttle
@@ -294,6 +327,7 @@ def wsgi_application(provisioning, login_throttle=None):
     )
     application.provisioning = provisioning
     application.login_throttle = login_throttle or LoginThrottle()
+    application.calls = CallStatistics()
     soap = WsgiApplication(application, max_content_length=1 << 20)
 
     def route(environ, start_response):
@@ -306,4 +340,5 @@ def wsgi_application(provisioning, login_throttle=None):
             environ["QUERY_STRING"] = "wsdl"
         return soap(environ, start_response)
 
+    route.calls = application.calls  # for the metrics
     return route

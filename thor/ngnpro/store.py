@@ -107,10 +107,20 @@ class Store:
         self._dsn = None
         self._slots = gevent.lock.BoundedSemaphore(pool_size)
         self._migrated = set()
+        self.errors = 0  # transactions the database failed (unavailable, refused, outcome unknown)
 
     @contextlib.contextmanager
     def transaction(self):
         """A cursor in one transaction, committed when the block ends without an exception."""
+        try:
+            with self._transaction() as cursor:
+                yield cursor
+        except (StoreUnavailableError, OutcomeUnknownError):
+            self.errors += 1
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self):
         if not self._slots.acquire(timeout=self.wait_timeout):
             raise StoreUnavailableError(
                 f"all {self.pool_size} connections to the provisioning database stayed busy for {self.wait_timeout} s"

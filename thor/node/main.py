@@ -17,11 +17,12 @@ from thor.accounts.protocol import USAGE
 from thor.config import ThorNetworkConfig, TLSConfig
 from thor.daemon import StartupError, raise_file_limit, run
 from thor.events.topics import STATISTICS
-from thor.health import DEFAULT_CHECKS, Check, RoleHealth, parse_check, watch, withdrawn_roles
+from thor.health import DEFAULT_CHECKS, Check, RoleHealth, health_families, parse_check, watch, withdrawn_roles
 from thor.lookup.config import LookupConfig
 from thor.lookup.server import LookupServer
 from thor.lookup.table import RingFollower
 from thor.membership.program import MemberDaemon
+from thor.metrics import counter, gauge, histogram
 from thor.node.config import NodeConfig
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.sip.api import sip_application
@@ -64,7 +65,7 @@ class NodeDaemon(MemberDaemon):
             self.health[role] = RoleHealth(role, check, settings.failures, settings.successes)
         # A first round before joining: announce only what answers now.
         for health in self.health.values():
-            health.up = health.check.probe(settings.check_timeout)
+            health.up = health.probe(settings.check_timeout)
             self.log.info("role %s: check %s is %s", health.role, health.check, "up" if health.up else "DOWN")
         return self._up_roles()
 
@@ -198,6 +199,36 @@ class NodeDaemon(MemberDaemon):
         if self.identity.roles & {roles.SIP_PROXY, roles.MEDIA_RELAY}:  # where other nodes consult this one
             attributes["peer_port"] = settings.peer_listen[1]
         return attributes
+
+    def metric_families(self):
+        yield from super().metric_families()
+        yield counter(
+            "thor_node_lookups",
+            "Lookup interface queries answered, by command.",
+            labels=["command"],
+            samples=[([command], count) for command, count in sorted(self.lookup_server.queries.items())],
+        )
+        yield gauge(
+            "thor_node_lookup_connections", "Open lookup interface connections.", self.lookup_server.connections
+        )
+        yield from health_families(self.health.values())
+        accounts, aliases = self.accounts.counts()
+        yield gauge(
+            "thor_node_accounts_cached",
+            "Subscriber entries this node is home for, by kind.",
+            labels=["kind"],
+            samples=[(["account"], accounts), (["alias"], aliases)],
+        )
+        yield histogram(
+            "thor_node_account_load_seconds",
+            "Account loads from NGNPro: from the request to the last part.",
+            samples=[((), self.accounts.load_seconds)],
+        )
+        yield gauge(
+            "thor_node_status_ring_version",
+            "The network status version the lookup rings are built from.",
+            self.rings.table.version,
+        )
 
     def teardown(self):
         gevent.killall(self._checkers, block=False)

@@ -14,6 +14,7 @@ A refused handshake is logged in one line, the peer's address and the reason;
 the server goes on serving everyone else. Handshakes are bounded in time.
 """
 
+import collections
 import contextlib
 import logging
 import os
@@ -355,6 +356,8 @@ class TLSServer:
         self.log = logging.getLogger(f"thor.{name}")
         self.handshakes = SourceLimit(max_handshakes_per_source) if max_handshakes_per_source else None
         self.connections = {}
+        # Connections refused or cut off, by reason: handshake_limit, handshake_timeout, tls, revoked.
+        self.refused = collections.Counter()
         self._server = StreamServer(listener, self._handle, spawn=Pool(max_connections))
         self._server.reuse_addr = 1
         contexts.add_reload_callback(self._drop_refused)
@@ -380,6 +383,7 @@ class TLSServer:
     def _handle(self, sock, address):
         source = address[0] if address else "?"
         if self.handshakes is not None and not self.handshakes.admit(source, self.log, "TLS handshakes"):
+            self.refused["handshake_limit"] += 1
             with contextlib.suppress(OSError):
                 sock.close()
             return
@@ -387,9 +391,11 @@ class TLSServer:
         try:
             tls_socket, identity = _handshake(sock, self.contexts.server_context, True, self.handshake_timeout, address)
         except TimeoutError:
+            self.refused["handshake_timeout"] += 1
             self.log.warning("refused %s: no TLS handshake within %gs", format_address(address), self.handshake_timeout)
             return
         except (OSError, ssl.SSLError, TLSError) as error:
+            self.refused["tls"] += 1
             self.log.warning("refused %s: %s", format_address(address), _reason(error))
             return
         finally:
@@ -400,6 +406,7 @@ class TLSServer:
         refusal = self.contexts.refusal(identity)
         if refusal is not None:
             # Handshake began before a reload that revokes this certificate, or retires its CA.
+            self.refused["revoked"] += 1
             self.log.warning("refused %s: %s", identity, refusal)
             with contextlib.suppress(OSError):
                 tls_socket.close()
@@ -421,6 +428,7 @@ class TLSServer:
         for tls_socket, identity in list(self.connections.items()):
             refusal = contexts.refusal(identity)
             if refusal is not None:
+                self.refused["revoked"] += 1
                 self.log.warning("closing %s: %s", identity, refusal)
                 with contextlib.suppress(OSError):
                     tls_socket.shutdown(socket.SHUT_RDWR)

@@ -33,6 +33,10 @@ class QueuedWriter:
         self._ready = Event()
         self._greenlet = gevent.spawn(self._run)
 
+    @property
+    def queued_bytes(self):
+        return self._queued_bytes
+
     def send(self, frame, catch_up=False):
         if self.closed:
             return False

@@ -41,7 +41,7 @@ ADDRESSES = {"node1": "172.30.0.21", "node2": "172.30.0.22", "node3": "172.30.0.
 NODES = set(ADDRESSES)
 THOR2 = "172.30.0.12"  # an event server with NGNPro
 PROGRAMS = {
-    "thor1": {"thor-eventserver", "thor-manager"},
+    "thor1": {"thor-eventserver", "thor-manager", "prometheus"},
     "thor2": {"thor-eventserver", "thor-manager", "ngnpro"},
     "thor3": {"thor-eventserver", "thor-manager"},
     "ns1": {"pdns", "thor-dns", "thor-database", "ngnpro"},
@@ -117,6 +117,82 @@ def test_thor_monitor_is_installed_for_the_operators():
     result = host("thor1").run("thor-monitor --once --wait 10")
     assert result.rc == 0, result.stderr
     assert any(line.startswith("sip_proxy") and "node1" in line for line in result.stdout.splitlines())
+
+
+# What Prometheus on thor1 (group thor_prometheus) scrapes: each program's job and hosts.
+SCRAPED = {
+    "thor-eventserver": {"thor1", "thor2", "thor3"},
+    "thor-manager": {"thor1", "thor2", "thor3"},
+    "thor-node": NODES,
+    "thor-database": {"ns1"},
+    "thor-dns": {"ns1", "ns2"},
+    "ngnpro": {"thor2", "ns1"},
+}
+
+
+def prometheus(path):
+    """The data of an answer of Prometheus' API on thor1, asked from inside the container."""
+    script = (
+        "import sys, urllib.request; "
+        f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9090{path}', timeout=5).read().decode())"
+    )
+    result = host("thor1").run(f"python3 -c {shlex.quote(script)}")
+    assert result.rc == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def test_prometheus_scrapes_every_thor_program_and_the_metrics_are_open_to_it_only():
+    expected = {(job, name) for job, hosts in SCRAPED.items() for name in hosts}
+
+    def all_up():
+        targets = prometheus("/api/v1/targets?state=active")["activeTargets"]
+        health = {(t["labels"]["job"], t["labels"]["host"]): t["health"] for t in targets if "host" in t["labels"]}
+        return health if set(health) == expected and set(health.values()) == {"up"} else None
+
+    health = wait_for(all_up, 60, interval=2, message="every Thor program scraped and up")
+    print(f"Prometheus scrapes {len(health)} Thor programs, every one up")
+    # What it holds is the network's: one active manager, every node's sip_proxy up.
+    active = prometheus("/api/v1/query?query=sum(thor_manager_active)")["result"]
+    assert [float(sample["value"][1]) for sample in active] == [1.0]
+    roles_up = prometheus('/api/v1/query?query=thor_role_up{role="sip_proxy"}')["result"]
+    assert {sample["metric"]["host"]: float(sample["value"][1]) for sample in roles_up} == dict.fromkeys(NODES, 1.0)
+    # The metrics ports answer the Prometheus host only (and loopback): another host gets 403.
+    script = (
+        "import urllib.error, urllib.request\n"
+        "try:\n    urllib.request.urlopen('http://172.30.0.11:9811/metrics', timeout=5)\n"
+        "except urllib.error.HTTPError as error:\n    print(error.code)\n"
+    )
+    assert host("node1").run(f"python3 -c {shlex.quote(script)}").stdout.strip() == "403"
+
+
+def test_an_alert_fires_when_no_node_serves_sip_proxy_and_ends_when_one_does():
+    """Kamailio stopped on every sip_proxy node: each withdraws sip_proxy, and after the rule's
+    minute ThorRoleWithoutLiveMember fires for it; it ends once Kamailio is back."""
+
+    def firing():
+        alerts = prometheus("/api/v1/alerts")["alerts"]
+        return [
+            alert
+            for alert in alerts
+            if alert["labels"]["alertname"] == "ThorRoleWithoutLiveMember" and alert["state"] == "firing"
+        ]
+
+    assert firing() == []
+    stopped = time.monotonic()
+    try:
+        for name in sorted(NODES):
+            assert host(name).run("supervisorctl stop kamailio").rc == 0
+        alerts = wait_for(firing, 180, interval=2, message="ThorRoleWithoutLiveMember firing")
+        print(f"ThorRoleWithoutLiveMember fired {time.monotonic() - stopped:.0f} s after Kamailio stopped")
+        assert [alert["labels"]["role"] for alert in alerts] == ["sip_proxy"]
+    finally:
+        for name in sorted(NODES):
+            assert host(name).run("supervisorctl start kamailio").rc == 0
+    status_where(lambda s: set(s["roles"].get("sip_proxy", [])) == NODES, 60, "every node a sip_proxy again")
+    wait_for(lambda: firing() == [], 60, interval=2, message="the alert ended")
+    wait_for(lambda: srv_targets() == NODES, 30, message="every node back in DNS")
 
 
 def test_powerdns_answers_srv_and_a_for_live_sip_proxies():
