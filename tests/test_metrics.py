@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import ssl
 
 import pytest
@@ -128,3 +129,15 @@ def test_docs_list_every_metric_the_code_defines():
         documented = set(re.findall(r"`(thor_[a-z0-9_]+)`", stream.read()))
     assert sorted(defined - documented) == []
     assert sorted(documented - defined) == []
+
+
+def test_a_metrics_port_in_use_is_a_clear_start_up_error(overlay):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        program = overlay.start(
+            "database1", "thor.database.main", roles.DATABASE, "127.0.2.1", Metrics={"database": f"127.0.0.1:{port}"}
+        )
+        assert program.exited(10) == 78  # EX_CONFIG: supervisor's log says what to fix
+    assert f"cannot serve metrics on 127.0.0.1:{port} ([Metrics] database): Address already in use" in program.log()
