@@ -5,6 +5,7 @@ import re
 import socket
 import ssl
 
+import gevent.socket
 import pytest
 
 import thor
@@ -141,3 +142,44 @@ def test_a_metrics_port_in_use_is_a_clear_start_up_error(overlay):
         )
         assert program.exited(10) == 78  # EX_CONFIG: supervisor's log says what to fix
     assert f"cannot serve metrics on 127.0.0.1:{port} ([Metrics] database): Address already in use" in program.log()
+
+
+def own_address():
+    """A non-loopback IPv4 address of this machine (the route's source; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            pytest.skip("no non-loopback IPv4 address on this machine")
+        return probe.getsockname()[0]
+
+
+def http_get(address, port, source, request=b"GET /metrics HTTP/1.0\r\n\r\n"):
+    """The whole answer to request (None: send nothing), from source; gevent's socket, so that the
+    server in this process runs meanwhile."""
+    with gevent.socket.create_connection((address, port), timeout=5, source_address=(source, 0)) as sock:
+        if request is not None:
+            sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_a_stranger_gets_403_before_sending_anything_and_loopback_and_the_allowed_get_metrics():
+    address = own_address()
+    families = lambda: [gauge("thor_test", "A test.", 1)]  # noqa: E731
+    closed = MetricsServer(("0.0.0.0", 0), families)
+    allowing = MetricsServer(("0.0.0.0", 0), families, allow=MetricsConfig({"allow": address}).allow)
+    for server in (closed, allowing):
+        server.bind()
+        server.start()
+    try:
+        port = closed.address[1]
+        # Answered and closed without a request: a stranger's idle connection holds nothing.
+        assert http_get(address, port, address, request=None).startswith(b"HTTP/1.0 403 Forbidden")
+        for answer in (http_get("127.0.0.1", port, "127.0.0.1"), http_get(address, allowing.address[1], address)):
+            assert answer.startswith(b"HTTP/1.1 200 OK") and b"\nthor_test 1.0\n" in answer, answer[:200]
+    finally:
+        closed.stop()
+        allowing.stop()

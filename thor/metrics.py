@@ -4,14 +4,16 @@ Nothing is counted through prometheus_client on the hot paths: the programs
 keep plain counters on their objects, and a scrape turns them into metric
 families (Daemon.metric_families). The server is a gevent WSGI server in the
 program's own loop; a scrape takes a few milliseconds. Addresses outside
-loopback and [Metrics] allow are refused (403), so that a metrics port opened
-on a host address shows nothing to anyone else.
+loopback and [Metrics] allow get 403 before anything is read, so that a metrics
+port opened on a host address shows nothing to anyone else and costs them nothing.
 """
 
+import contextlib
 import ipaddress
 import logging
 from datetime import UTC, datetime
 
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -35,6 +37,13 @@ __all__ = [
 
 log = logging.getLogger("thor.metrics")
 
+# Scrapes served at once (Prometheus asks once per interval), and how long one may take.
+MAX_SCRAPES = 8
+SCRAPE_TIMEOUT = 10.0
+FORBIDDEN = (
+    b"HTTP/1.0 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"not an allowed scraper ([Metrics] allow)\n"
+)
 # One port per program, so that every program of a host can be scraped.
 DEFAULT_PORTS = {"eventserver": 9811, "manager": 9812, "node": 9813, "database": 9814, "dns": 9815, "ngnpro": 9816}
 
@@ -79,7 +88,9 @@ class MetricsServer:
         GCCollector(registry=self.registry)
         self.allow = tuple(allow)
         self._metrics = make_wsgi_app(self.registry)
-        self.server = WSGIServer(listen, self._application, log=None, error_log=log)
+        self.server = _ScrapeServer(
+            listen, self._application, allowed=self._allowed, spawn=Pool(MAX_SCRAPES), log=None, error_log=log
+        )
 
     @property
     def address(self):
@@ -96,9 +107,6 @@ class MetricsServer:
         self.server.stop(timeout=1)
 
     def _application(self, environ, start_response):
-        if not self._allowed(environ.get("REMOTE_ADDR", "")):
-            start_response("403 Forbidden", [("Content-Type", "text/plain")])
-            return [b"not an allowed scraper ([Metrics] allow)\n"]
         if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"see /metrics\n"]
@@ -113,6 +121,24 @@ class MetricsServer:
             return True
         mapped = source.ipv4_mapped if source.version == 6 and source.ipv4_mapped else source
         return any(mapped in network for network in self.allow if network.version == mapped.version)
+
+
+class _ScrapeServer(WSGIServer):
+    """Answers a source that may not scrape with 403 at once, without reading its request, and
+    gives each scrape SCRAPE_TIMEOUT: strangers hold no connection and no greenlet."""
+
+    def __init__(self, *args, allowed, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._allowed = allowed
+
+    def handle(self, sock, address):
+        if not self._allowed(address[0] if address else ""):
+            with contextlib.suppress(OSError):
+                sock.sendall(FORBIDDEN)
+            sock.close()
+            return
+        sock.settimeout(SCRAPE_TIMEOUT)
+        super().handle(sock, address)
 
 
 class _Collector:
