@@ -18,6 +18,7 @@ from thor.identity import Identity
 
 class Member(Daemon):
     program = "thor-test-member"
+    serves_metrics = False
     sections = (ThorNetworkConfig, TLSConfig)
 
     @classmethod
