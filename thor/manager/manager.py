@@ -72,6 +72,8 @@ class Manager:
         self.snapshot_bytes = 0  # what the chain's latest snapshot weighs, and the changes since
         self.changes_bytes = 0
         self._compact = False  # the servers' logs need a new snapshot (one refused a publication)
+        self._retry_at = 0.0  # monotonic: no new snapshot for the servers' logs before then
+        self._refusal_logged_at = {}  # server name: when its last refusal was reported (monotonic)
         self._recent = collections.deque(maxlen=STORM)  # when the latest changes went out (monotonic)
         self._pending = None
         self._ticker = None
@@ -147,10 +149,16 @@ class Manager:
 
     def _on_server_error(self, link, error):
         if error.get("topic") == MEMBERS:
-            # Its log on that server misses a publication: a new snapshot makes it whole (tried
-            # again no sooner than RETRY_AFTER: a server that keeps refusing is no log flood).
-            if not self._compact:  # once per attempt, not once per part refused
+            # Its log on that server misses a publication: a new snapshot makes it whole, tried
+            # again no sooner than RETRY_AFTER (neither by the tick), and reported as often: a
+            # server that keeps refusing is no log flood, also when refusals of one attempt's
+            # parts arrive late, after the next attempt has begun.
+            now = time.monotonic()
+            if now - self._refusal_logged_at.get(link.server_name, -RETRY_AFTER) >= RETRY_AFTER:
                 log.error("%s refused a network status publication: %s", link, error.get("message"))
+                self._refusal_logged_at[link.server_name] = now
+            if not self._compact:
+                self._retry_at = now + RETRY_AFTER
             self._compact = True
             self._changed(RETRY_AFTER)
 
@@ -178,6 +186,7 @@ class Manager:
             log.error("could not publish the network status (trying again in %gs): %s", RETRY_AFTER, error)
             log.debug("publication failure", exc_info=True)
             self._compact = True  # a snapshot cut short leaves the servers' logs to be made whole
+            self._retry_at = time.monotonic() + RETRY_AFTER
             self._changed(RETRY_AFTER)
 
     def _elect_and_publish(self, periodic):
@@ -214,7 +223,11 @@ class Manager:
             self._publish_changes(published, status)
             log.info("publishing %r", status)
         elif self._compact:
-            self._publish_snapshot(published, deliver=False)
+            wait = self._retry_at - time.monotonic()
+            if wait <= 0:
+                self._publish_snapshot(published, deliver=False)
+            else:  # a tick, or a timer that fired a hair early
+                self._changed(wait)
         elif periodic:
             self.client.publish(MEMBERS, current_body(published))
             self.publications["periodic"] += 1
