@@ -15,6 +15,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -223,9 +224,7 @@ def test_each_name_server_publishes_every_services_own_port(server):
 
 
 def run_playbook(name, *extra):
-    rollout = run_playbook_in_background(name, *extra)
-    output = rollout.communicate(timeout=600)[0]
-    return subprocess.CompletedProcess(rollout.args, rollout.returncode, output, "")
+    return Rollout(name, *extra).finish(600)
 
 
 def test_the_rollout_verification_names_a_withdrawn_role_and_its_check():
@@ -903,15 +902,15 @@ def test_an_upgrade_with_a_config_change_rolls_over_the_cluster_one_host_at_a_ti
     kamailio_before = {name: host(name).run("supervisorctl pid kamailio").stdout.strip() for name in NODES}
     watch = Watch({"username": SIP_USERS[0], "domain": DOMAIN})
     extra = {"thor_common_local_repo": repository, "thor_common_tls_settings": {"crl_check_interval": 4}}
-    rollout = run_playbook_in_background("site.yml", "-e", json.dumps(extra))
+    rollout = Rollout("site.yml", "-e", json.dumps(extra))
     try:
         deadline = time.monotonic() + 1200
-        while rollout.poll() is None and time.monotonic() < deadline:
+        while rollout.running() and time.monotonic() < deadline:
             watch.poll()
     finally:
         watch.stop()
-    output = rollout.communicate(timeout=60)[0]
-    assert rollout.returncode == 0, output[-3000:]
+    result = rollout.finish(60)
+    assert result.returncode == 0, result.stdout[-3000:]
     absences = watch.absences()
     print(
         f"rolled out {version}: {len(watch.polls)} status polls, {watch.lookups} lookups, {watch.calls} SOAP calls; "
@@ -1007,36 +1006,59 @@ def test_keys_are_made_on_their_hosts_and_certificates_renew_in_place():
 
 def roll_out_watching_the_status(playbook, *extra):
     """Run a playbook and poll the network status meanwhile: the member names of each poll."""
-    rollout = run_playbook_in_background(playbook, *extra)
+    rollout = Rollout(playbook, *extra)
     polls = []
-    while rollout.poll() is None:
+    deadline = time.monotonic() + 900
+    while rollout.running() and time.monotonic() < deadline:
         current = status()
         polls.append(set(current["members"]) if current else set())
-    output = rollout.communicate()[0]
-    assert rollout.returncode == 0, output[-3000:]
+    result = rollout.finish(60)
+    assert result.returncode == 0, result.stdout[-3000:]
     return polls
 
 
-def run_playbook_in_background(name, *extra):
-    inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
-    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
-    return subprocess.Popen(
-        ["ansible-playbook", "-i", inventory, os.path.join(project, "playbooks", name), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
-    )
+class Rollout:
+    """ansible-playbook in the background on the cluster. Its output goes to a file: a pipe read
+    only at the end fills up (64 KiB; a site.yml run prints about 55 KiB) and then stops the
+    playbook at its next line until the test gives up waiting."""
+
+    def __init__(self, playbook, *extra):
+        inventory = os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+        project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+        self._output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by finish)
+        self._process = subprocess.Popen(
+            ["ansible-playbook", "-i", inventory, os.path.join(project, "playbooks", playbook), *extra],
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles")),
+        )
+
+    def running(self):
+        return self._process.poll() is None
+
+    def finish(self, timeout):
+        """Its end, killed after timeout more seconds: a CompletedProcess with its output."""
+        note = ""
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+            note = f"\n[killed: still running {timeout} s after the test stopped waiting]"
+        self._output.seek(0)
+        output = self._output.read() + note
+        self._output.close()
+        return subprocess.CompletedProcess(self._process.args, self._process.returncode, output, "")
 
 
 def test_certificate_revoked_through_the_playbook_is_refused_within_60_s():
-    rollout = run_playbook_in_background("revoke.yml", "-e", json.dumps({"thor_pki_revoke": ["node2"]}))
+    rollout = Rollout("revoke.yml", "-e", json.dumps({"thor_pki_revoke": ["node2"]}))
     try:
         status_where(lambda s: "node2" not in s["members"], 90, "node2 refused")
         refused = datetime.now(UTC)
     finally:
-        output = rollout.communicate(timeout=600)[0]
-    assert rollout.returncode == 0, output[-3000:]
+        result = rollout.finish(600)
+    assert result.returncode == 0, result.stdout[-3000:]
     with open(os.path.join(os.environ["THOR_MOLECULE_PKI"], "index.json")) as stream:
         # Every certificate node2 held (a renewed one and its predecessor) revoked at once.
         revoked = {c["revoked"] for c in json.load(stream)["certificates"] if c["name"] == "node2" and c["revoked"]}
