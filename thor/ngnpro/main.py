@@ -29,7 +29,7 @@ from thor.membership.program import MemberDaemon
 from thor.metrics import counter, gauge, histogram
 from thor.ngnpro.config import NGNPRO_PORT, NGNProConfig
 from thor.ngnpro.provisioning import Provisioning
-from thor.ngnpro.soap import wsgi_application
+from thor.ngnpro.soap import CallStatistics, wsgi_application
 from thor.ngnpro.store import Store, StoreUnavailableError
 from thor.ngnpro.throttle import LoginThrottle
 from thor.pgsql import make_dsn
@@ -64,6 +64,7 @@ class NGNProDaemon(MemberDaemon):
         tls = self.config[TLSConfig]
         self.usage = {}
         self.relays = {}  # media relays' Thor.Statistics, per name
+        self.calls = CallStatistics()  # every SOAP call, for the metrics
         self._announced_database = None  # (dsn, when last announced: monotonic)
         self.rings = RingFollower(self.member.status, self.config[ThorNetworkConfig].ring_points)
         self.store = Store(
@@ -103,7 +104,9 @@ class NGNProDaemon(MemberDaemon):
         self.tls.add_reload_callback(lambda _contexts: self._reload_https(context, https_files))
         try:
             self.soap = wsgi_application(
-                self.provisioning, LoginThrottle(settings.login_failures, settings.login_window, settings.login_penalty)
+                self.provisioning,
+                LoginThrottle(settings.login_failures, settings.login_window, settings.login_penalty),
+                self.calls,
             )
             self.server = HTTPServer(
                 settings.listen,
@@ -137,7 +140,7 @@ class NGNProDaemon(MemberDaemon):
 
     def metric_families(self):
         yield from super().metric_families()
-        calls = self.soap.calls
+        calls = self.calls
         yield counter(
             "thor_ngnpro_calls",
             "SOAP calls, by operation and outcome (ok, or the fault code).",

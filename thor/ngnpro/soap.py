@@ -315,9 +315,10 @@ class NetworkPort(ServiceBase):
         ]
 
 
-def wsgi_application(provisioning, login_throttle=None):
+def wsgi_application(provisioning, login_throttle=None, calls=None):
     """The WSGI application serving both ports; provisioning is a thor.ngnpro.provisioning.Provisioning,
-    login_throttle a thor.ngnpro.throttle.LoginThrottle (default: its defaults)."""
+    login_throttle a thor.ngnpro.throttle.LoginThrottle (default: its defaults), calls the
+    CallStatistics that count and time every SOAP call (default: kept by nobody)."""
     application = Application(
         [SipPort, NetworkPort],
         tns=NAMESPACE,
@@ -327,7 +328,7 @@ def wsgi_application(provisioning, login_throttle=None):
     )
     application.provisioning = provisioning
     application.login_throttle = login_throttle or LoginThrottle()
-    application.calls = CallStatistics()
+    application.calls = calls if calls is not None else CallStatistics()
     soap = WsgiApplication(application, max_content_length=1 << 20)
 
     def route(environ, start_response):
@@ -340,5 +341,4 @@ def wsgi_application(provisioning, login_throttle=None):
             environ["QUERY_STRING"] = "wsdl"
         return soap(environ, start_response)
 
-    route.calls = application.calls  # for the metrics
     return route
