@@ -114,6 +114,7 @@ def test_a_metrics_setting_that_is_not_an_address_is_a_clear_error():
         MetricsConfig({"allow": "the monitoring host"}, source="config.ini")
     assert MetricsConfig({"node": ""}).listen_of("thor-node") is None
     assert MetricsConfig().listen_of("ngnpro") == ("127.0.0.1", 9816)
+    assert MetricsConfig().listen_of("thor-monitor") is None  # no key: serves no metrics
 
 
 def test_docs_list_every_metric_the_code_defines():

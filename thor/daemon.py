@@ -48,8 +48,6 @@ class Daemon:
     program = "thor"
     description = None
     sections = (TLSConfig,)
-    # Whether the program serves /metrics ([Metrics] has a key for each that does).
-    serves_metrics = True
 
     def __init__(self, config, options):
         self.config = config
@@ -148,14 +146,14 @@ def run(daemon_class, argv=None):
     configure_logging(program, options.debug)
     log = logging.getLogger(program)
 
-    section_classes = (*daemon_class.sections, MetricsConfig) if daemon_class.serves_metrics else daemon_class.sections
+    section_classes = (*daemon_class.sections, MetricsConfig)
     metrics = None
     try:
         path = options.config or DEFAULT_CONFIG_PATH
         sections = load_config(path, *section_classes, required=options.config is not None)
         config = dict(zip(section_classes, sections, strict=True))
         daemon = daemon_class(config, options)
-        metrics = _metrics_server(daemon, config.get(MetricsConfig))
+        metrics = _metrics_server(daemon, config[MetricsConfig])
         daemon.start()
     except (ConfigError, StartupError) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
@@ -188,7 +186,7 @@ def run(daemon_class, argv=None):
 
 def _metrics_server(daemon, config):
     """The program's metrics server with its port taken, or None when [Metrics] turns it off."""
-    listen = config.listen_of(daemon.program) if config is not None else None
+    listen = config.listen_of(daemon.program)
     if listen is None:
         return None
     server = MetricsServer(listen, daemon.metric_families, config.allow)

@@ -72,8 +72,10 @@ class MetricsConfig(Section):
     )
 
     def listen_of(self, program):
-        """The (host, port) program ('thor-node', 'ngnpro', ...) serves metrics on, or None."""
-        return getattr(self, program.removeprefix("thor-"))
+        """The (host, port) program ('thor-node', 'ngnpro', ...) serves metrics on, or None: turned
+        off, or a program without a key here (thor-monitor, a tool run by hand, serves none)."""
+        key = program.removeprefix("thor-")
+        return getattr(self, key) if key in DEFAULT_PORTS else None
 
 
 class MetricsServer:

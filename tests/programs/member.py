@@ -18,7 +18,6 @@ from thor.identity import Identity
 
 class Member(Daemon):
     program = "thor-test-member"
-    serves_metrics = False
     sections = (ThorNetworkConfig, TLSConfig)
 
     @classmethod

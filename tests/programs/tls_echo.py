@@ -23,7 +23,6 @@ def echo_identity(tls_socket, identity):
 
 class EchoDaemon(Daemon):
     program = "thor-test-echo"
-    serves_metrics = False
 
     @classmethod
     def add_arguments(cls, parser):

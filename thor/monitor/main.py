@@ -37,7 +37,6 @@ ISSUER_RECHECK = 5.0
 
 class MonitorDaemon(MemberDaemon):
     program = "thor-monitor"
-    serves_metrics = False  # no [Metrics] key: a tool, not a service
     description = "Shows the SIP Thor network: roles, members, addresses, versions and recent events."
     announce = False  # a monitor watches; it is not a member others look up
 
