@@ -19,6 +19,25 @@ def rss_kib(pid):
     return None
 
 
+def cpu_seconds(pids=(), groups=()):
+    """CPU time (user + system) used so far by the processes pids and every process of the process
+    groups groups (Kamailio and its workers): a step's CPU is the difference of two readings."""
+    pids, groups, total = set(pids), set(groups), 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stream:
+                fields = stream.read().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        # After the command: state, ppid, pgrp, ..., utime and stime are the 12th and 13th.
+        if int(entry) in pids or int(fields[2]) in groups:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def machine():
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as stream:

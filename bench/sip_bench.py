@@ -9,9 +9,10 @@ Side by side in one run, on this machine:
 
 For each, sipp offers REGISTERs then calls (INVITE with digest, ACK, BYE at once) at rising
 rates; a step counts when every transaction succeeded and sipp kept up with the offered
-rate. Reported: the highest such rate of each, their ratio (target >= 0.7), and the call
-setup time (INVITE with credentials to 200 OK) p50/p99 at a moderate rate. Every run is
-bounded in count and time. Run: python bench/sip_bench.py [--children N] [--json]
+rate. Reported: the highest such rate of each, their ratio (target >= 0.7), the CPU each
+side's SIP service spent per transaction at the same rates (sipp not counted: "at equal
+CPU"), and the call setup time (INVITE with credentials to 200 OK) p50/p99 at a moderate
+rate. Every run is bounded in count and time. Run: python bench/sip_bench.py [--children N] [--json]
 """
 
 import argparse
@@ -24,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, machine, median, percentile
+from common import REPO, cpu_seconds, machine, median, percentile
 
 from thor.loopback.kamailio import Kamailio
 from thor.loopback.ngnpro import DOMAIN, NODE_ADDRESSES, SipNetwork, account
@@ -36,8 +37,8 @@ from thor.loopback.sipp import Sipp
 NODES = ("node1", "node2", "node3")
 PASSWORD = "bench-password"
 SINGLE = "127.0.6.1"
-REGISTER_RATES = (400, 800, 1200, 1600, 2000, 2400, 3200, 4000)
-CALL_RATES = (50, 100, 150, 200, 250, 300, 400)
+REGISTER_RATES = (400, 800, 1200, 1600, 2000, 2400, 2800, 3200, 3600, 4000, 4800, 5600, 6400, 8000)
+CALL_RATES = (50, 100, 150, 200, 250, 300, 350, 400, 500, 600, 800)
 # Subscribers provisioned; a step that needs more transactions goes round them again
 # (a second REGISTER refreshes a binding, a second call is another call).
 USERS = 2000
@@ -79,14 +80,17 @@ class Single:
         self.kamailio.stop()
 
 
-def register_step(directory, tag, targets, users, rate):
-    """rate x SECONDS_PER_STEP REGISTERs over users, spread evenly over targets; (ok, failed, seconds)."""
+def register_step(directory, tag, targets, users, rate, ports):
+    """rate x SECONDS_PER_STEP REGISTERs over users, spread evenly over targets, from the same
+    address and port at every step (a user's REGISTER refreshes its one binding: no stale
+    contact for a call to fork to); (ok, failed, seconds)."""
     runs = []
     for index, target in enumerate(targets):
         share = users[index :: len(targets)]
         address = f"127.0.7.{index + 1}"
         rows = [[user, DOMAIN, PASSWORD] for user in share]
-        sipp = Sipp(directory, f"{tag}-reg-{rate}-{index}", "register", (address, free_port(address)), rows, target)
+        port = ports.setdefault(index, free_port(address))
+        sipp = Sipp(directory, f"{tag}-reg-{rate}-{index}", "register", (address, port), rows, target)
         runs.append((sipp, rate * SECONDS_PER_STEP // len(targets)))
     started = time.monotonic()
     for sipp, count in runs:
@@ -131,11 +135,16 @@ def answering_devices(directory, tag, targets, users):
     return devices
 
 
-def sweep(step, rates):
-    """The step at each rate until one fails or falls behind; the highest rate that held."""
+def sweep(step, rates, cpu):
+    """The step at each rate until one fails or falls behind; the highest rate that held. cpu():
+    the CPU seconds each part of the side's SIP service used so far ({part: seconds}); the whole
+    per transaction and each part's share are reported."""
     rows, best = [], 0
     for rate in rates:
+        before = cpu()
         ok, failed, elapsed, _ = step(rate)
+        parts = {part: seconds - before[part] for part, seconds in cpu().items()}
+        used = sum(parts.values())
         achieved = ok / elapsed if elapsed else 0.0
         held = failed == 0 and ok > 0 and achieved >= 0.9 * rate
         rows.append(
@@ -145,20 +154,44 @@ def sweep(step, rates):
                 "failed": failed,
                 "seconds": round(elapsed, 2),
                 "achieved_per_s": round(achieved, 1),
+                "cpu_ms_per_transaction": round(1000 * used / ok, 3) if ok else None,
+                "cpu_share": {part: round(seconds / used, 2) for part, seconds in parts.items()} if used else None,
                 "held": held,
             }
         )
         verdict = "" if held else "  <- not held"
-        print(f"  offered {rate}/s: {ok} ok, {failed} failed in {elapsed:.1f}s ({achieved:.0f}/s){verdict}", flush=True)
+        print(
+            f"  offered {rate}/s: {ok} ok, {failed} failed in {elapsed:.1f}s ({achieved:.0f}/s), "
+            f"CPU {rows[-1]['cpu_ms_per_transaction']} ms each {rows[-1]['cpu_share']}{verdict}",
+            flush=True,
+        )
         if not held:
             break
         best = rate
     return best, rows
 
 
+def cpu_ratio(single_steps, overlay_steps):
+    """At the highest rate both sides held: each side's CPU per transaction and their ratio
+    (single / overlay: the share of the single node's rate the overlay keeps at equal CPU)."""
+    held = {row["rate"]: row for row in single_steps if row["held"]}
+    common = [row for row in overlay_steps if row["held"] and row["rate"] in held]
+    if not common:
+        return None
+    overlay = common[-1]
+    single_ms, overlay_ms = held[overlay["rate"]]["cpu_ms_per_transaction"], overlay["cpu_ms_per_transaction"]
+    return {
+        "rate": overlay["rate"],
+        "single_ms": single_ms,
+        "overlay_ms": overlay_ms,
+        "ratio": round(single_ms / overlay_ms, 2),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", type=int, default=2, help="Kamailio workers per overlay node (single: 3x)")
+    parser.add_argument("--only", choices=("register", "calls"), help="one of the two sweeps (quicker)")
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
     users = [f"b{index}" for index in range(USERS)]
@@ -168,6 +201,7 @@ def main():
     network = single = None
     devices = []
     report = {"machine": machine(), "users": len(users)}
+    kinds = [kind for kind in ("register", "calls") if options.only in (None, kind)]
     try:
         network = SipNetwork(
             directory, ScratchPKI(os.path.join(directory, "pki")), postgresql, children=options.children
@@ -182,14 +216,30 @@ def main():
         single = Single(directory, users, options.children * len(NODES))
         # As many sipp processes (callers and answering devices) on each side: sipp is one thread.
         alone = [(SINGLE, 5060)] * len(NODES)
-        for tag, targets in (("single", alone), ("overlay", overlay)):
+        nodes = [program.process.pid for name, program in network.overlay.programs.items() if name in NODES]
+        daemons = [*network.overlay.programs.values(), *network.overlay.eventservers]
+        others = [program.process.pid for program in daemons]
+        cpu_of = {
+            "single": lambda: {"kamailio": cpu_seconds(groups=[single.kamailio.process.pid])},
+            "overlay": lambda: {
+                "kamailio": cpu_seconds(groups=[kamailio.process.pid for kamailio in network.kamailios.values()]),
+                "thor-node": cpu_seconds(nodes),
+                "other daemons": cpu_seconds(set(others) - set(nodes)),
+            },
+        }
+        # The callers register in the sweep; the callees' only binding is their answering device's.
+        for tag, targets in (("single", alone), ("overlay", overlay)) if "register" in kinds else ():
             print(f"{tag}: REGISTER", flush=True)
+            ports = {}
             best, rows = sweep(
-                lambda rate, t=targets, tag=tag: register_step(directory, tag, t, users, rate),
+                lambda rate, t=targets, tag=tag, ports=ports: register_step(directory, tag, t, callers, rate, ports),
                 REGISTER_RATES,
+                cpu_of[tag],
             )
             report[f"{tag}_register"] = {"held_per_s": best, "steps": rows}
-        for tag, targets in (("single", alone), ("overlay", overlay)):
+        for _, targets in (("single", alone), ("overlay", overlay)) if "register" not in kinds else ():
+            register_step(directory, "warm", targets, callers, 400, {})  # the callers, as the sweep leaves them
+        for tag, targets in (("single", alone), ("overlay", overlay)) if "calls" in kinds else ():
             devices = answering_devices(directory, tag, targets, callees)
             print(f"{tag}: calls", flush=True)
             # Setup times at a moderate rate first, before a step overloads anything.
@@ -199,6 +249,7 @@ def main():
                     directory, tag, t, callers, callees, rate, rate * SECONDS_PER_STEP
                 ),
                 CALL_RATES,
+                cpu_of[tag],
             )
             report[f"{tag}_calls"] = {
                 "held_per_s": best,
@@ -210,11 +261,13 @@ def main():
             for device in devices:
                 device.stop()
             devices = []
-        for kind in ("register", "calls"):
+        for kind in kinds:
             single_rate = report[f"single_{kind}"]["held_per_s"]
             report[f"{kind}_ratio"] = (
                 round(report[f"overlay_{kind}"]["held_per_s"] / single_rate, 2) if single_rate else None
             )
+            steps = report[f"single_{kind}"]["steps"], report[f"overlay_{kind}"]["steps"]
+            report[f"{kind}_cpu_ratio"] = cpu_ratio(*steps)
     finally:
         for device in devices:
             device.stop()
@@ -224,12 +277,18 @@ def main():
             network.close()
         postgresql.remove()
     print(f"machine: {report['machine']}")
-    for kind in ("register", "calls"):
+    for kind in kinds:
         print(
             f"{kind}: single {report[f'single_{kind}']['held_per_s']}/s, overlay "
             f"{report[f'overlay_{kind}']['held_per_s']}/s, ratio {report[f'{kind}_ratio']}"
         )
-    for tag in ("single", "overlay"):
+        cpu = report[f"{kind}_cpu_ratio"]
+        if cpu:
+            print(
+                f"{kind} CPU per transaction at {cpu['rate']}/s (both held): single {cpu['single_ms']} ms, "
+                f"overlay {cpu['overlay_ms']} ms, ratio {cpu['ratio']}"
+            )
+    for tag in ("single", "overlay") if "calls" in kinds else ():
         calls = report[f"{tag}_calls"]
         print(
             f"{tag} call setup at 50/s: p50 {calls['setup_ms_p50_at_50_per_s']} ms, "

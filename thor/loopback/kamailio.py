@@ -24,6 +24,9 @@ def _shipped(name, installed):
 
 CONFIG = _shipped("thor.cfg", "/usr/share/thor/kamailio/thor.cfg")
 SCRIPT = _shipped("thor_kamailio.py", "/usr/share/thor/kamailio/thor_kamailio.py")
+# Kamailio's shared memory, as the rollout gives it (thor_sip_proxy_shared_memory_mb): Debian's
+# 64 MB runs out under load (bench/sip_bench.py: "new_t failed", 500s, from about 250 calls/s).
+SHARED_MEMORY_MB = 256
 # What every node of one network shares (tests only: the rollout makes one per network).
 TEST_SECRET = "loopback-test-secret-0123456789abcdef"
 
@@ -31,8 +34,12 @@ TEST_SECRET = "loopback-test-secret-0123456789abcdef"
 class Kamailio(ProcessGroup):
     """Kamailio for the node at address: SIP on address:port, thor-node's API at api."""
 
-    def __init__(self, directory, address, api, port=5060, secret=TEST_SECRET, children=2, media=None):
-        """media: thor-node's media relay endpoint ([Node] media_listen) for the rtpengine module."""
+    def __init__(
+        self, directory, address, api, port=5060, secret=TEST_SECRET, children=2, media=None, environment=None
+    ):
+        """media: thor-node's media relay endpoint ([Node] media_listen) for the rtpengine module;
+        environment: more of thor_kamailio.py's settings (THOR_LOCAL_RING_NODES...)."""
+        self.environment = dict(environment or {})
         self.directory = os.path.join(str(directory), f"kamailio-{address}")
         os.makedirs(self.directory, exist_ok=True)
         self.address = address
@@ -59,11 +66,13 @@ class Kamailio(ProcessGroup):
 
     def start(self, timeout=10):
         log = open(self.log_path, "ab")  # noqa: SIM115 (as long as the process)
+        pid_file = os.path.join(self.directory, "kamailio.pid")
         self.process = subprocess.Popen(
-            ["kamailio", "-DD", "-E", "-f", self.config, "-P", os.path.join(self.directory, "kamailio.pid")],
+            ["kamailio", "-DD", "-E", "-m", str(SHARED_MEMORY_MB), "-f", self.config, "-P", pid_file],
             stdout=log,
             stderr=log,
-            env=dict(os.environ, THOR_API="{}:{}".format(*self.api)),
+            # thor_kamailio.py imports thor.lookup.ring: this checkout's, or the installed one.
+            env=dict(os.environ, THOR_API="{}:{}".format(*self.api), PYTHONPATH=PACKAGE_ROOT, **self.environment),
             # Its own process group: Kamailio's workers are the main process's children, and a
             # kill must reach them all (they would outlive a killed main process).
             start_new_session=True,

@@ -222,11 +222,14 @@ class SipNetwork(Network):
         self.health_checks = health_checks
         self.kamailios = {}
 
-    def start_node(self, name, kamailio_first=False):
-        """kamailio_first: Kamailio starts before thor-node listens (as supervisor may start them)."""
+    def start_node(self, name, kamailio_first=False, kamailio_environment=None):
+        """kamailio_first: Kamailio starts before thor-node listens (as supervisor may start them);
+        kamailio_environment: more settings of its thor_kamailio.py."""
         address = NODE_ADDRESSES[name]
         api, media = (address, free_port(address)), (address, free_port(address))
-        kamailio = Kamailio(self.directory, address, api, children=self.children, media=media)
+        kamailio = Kamailio(
+            self.directory, address, api, children=self.children, media=media, environment=kamailio_environment
+        )
         self.kamailios[name] = kamailio
         if kamailio_first:
             kamailio.start()

@@ -10,6 +10,7 @@ import sys
 import time
 
 import gevent
+from gevent.event import Event
 
 from thor import roles
 from thor.accounts.cache import AccountCache, accounts_application
@@ -26,10 +27,10 @@ from thor.metrics import counter, gauge, histogram
 from thor.node.config import NodeConfig
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.sip.api import sip_application
-from thor.sip.location import KamailioRPC
+from thor.sip.location import KamailioRPC, RPCError
 from thor.sip.media import MediaProxy, RelayChooser, RelayControl
 from thor.sip.peers import PeerClient, PeerServer
-from thor.sip.service import SipService
+from thor.sip.service import RING_REMINDER, SipService
 from thor.transport.http import HTTPServer
 from thor.transport.tls import format_address
 
@@ -139,6 +140,8 @@ class NodeDaemon(MemberDaemon):
         self._checkers.append(gevent.spawn(self._report_usage, settings.usage_interval))
         if self.relay is not None:
             self._checkers.append(gevent.spawn(self._report_relay, settings.statistics_interval))
+        if self.sip is not None:
+            self._checkers.append(gevent.spawn(self._tell_ring_changes))
 
     def _start_peers(self, settings, accounts):
         """What other nodes ask this one (the peer API), and what the SIP proxy asks (/sip/ beside
@@ -181,6 +184,30 @@ class NodeDaemon(MemberDaemon):
         if self.sip is None:
             return {"result": "error", "reason": "this node is no sip_proxy"}
         return self.sip.respond(identity, request)
+
+    def _tell_ring_changes(self):
+        """The SIP proxy's processes hold the sip_proxy ring themselves (etc/kamailio/thor_kamailio.py):
+        tell it at once when the ring changes, and remind it every RING_REMINDER seconds."""
+        changed = Event()
+
+        def on_change(old, new):
+            self.sip.ring_changed(old, new)
+            changed.set()
+
+        self.rings.on_change(on_change)
+        told = None
+        while True:
+            changed.wait(RING_REMINDER)
+            changed.clear()
+            generation = self.sip.ring_generation()
+            try:
+                self.sip.tell_ring_generation()
+            except RPCError as problem:
+                if told is not False:  # once, until it works again (Kamailio stopped or restarting)
+                    self.log.info("could not tell the SIP proxy the ring's generation %s: %s", generation, problem)
+                told = False
+            else:
+                told = True
 
     def _report_relay(self, interval):
         """A media relay's load on Thor.Statistics (retained): sessions and rates, as the original's

@@ -1,8 +1,11 @@
 """The loopback HTTP interface the SIP proxy beside thor-node asks (docs/sip.md), under /sip:
 
-    GET  /sip/home/KEY        200 the home node's address | 400 not a key | 503 no sip_proxy node
-    GET  /sip/peer/ADDRESS    200 when ADDRESS is a live sip_proxy node (its requests are trusted) | 404
-                              (503 until this node has a network status)
+    GET  /sip/ring            200 {"version": V, "points": P, "sip_proxy": [ADDRESS, ...]}: the live
+                              sip_proxy nodes (their requests are trusted) and the ring's points per
+                              node, from which the SIP proxy computes each key's home itself, as
+                              thor.lookup.ring does here (503 until this node has a network status)
+    GET  /sip/home/KEY        200 the home node's address (what the SIP proxy asks when the ring is
+                              too big to build in each of its processes) | 400 not a key | 503
     GET  /sip/domain/DOMAIN   200 when DOMAIN is provisioned | 404
     POST /sip/verify          {"key": KEY, "credentials": {username, realm, method, uri, nonce, nc,
                               cnonce, qop, response}}: 200 ok | 401 wrong | 403 disabled | 404 unknown
@@ -47,9 +50,9 @@ def sip_application(service):
                 return _text(start_response, "405 Method Not Allowed", "GET, or POST /sip/verify")
             if what == "home":
                 return _text(start_response, "200 OK", service.home(argument))
-            if what == "peer":
-                found = service.is_peer(argument)
-                return _text(start_response, "200 OK" if found else "404 Not Found", "yes" if found else "no")
+            if what == "ring":
+                body = json.dumps(service.ring(), separators=(",", ":"))
+                return reply(start_response, "200 OK", body, "application/json")
             if what == "domain":
                 found = service.serves(argument)
                 return _text(start_response, "200 OK" if found else "404 Not Found", "yes" if found else "no")

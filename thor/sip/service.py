@@ -23,12 +23,15 @@ from thor.sip import digest
 from thor.sip.location import RPCError, bindings, routing_document
 from thor.sip.peers import PeerError
 
-__all__ = ["PEER_PORT", "SipService", "UnavailableError"]
+__all__ = ["PEER_PORT", "RING_REMINDER", "SipService", "UnavailableError"]
 
 log = logging.getLogger("thor.sip")
 
 # The node-to-node API's port, announced with sip_proxy (attribute peer_port).
 PEER_PORT = 9502
+# How often the SIP proxy is reminded of the ring's generation when nothing changed: a Kamailio
+# restarted meanwhile has forgotten it (its processes then ask for the ring once a second).
+RING_REMINDER = 1.0
 # An alias is resolved once: its target is an account, never another alias (NGNPro's rule).
 MAX_ALIAS_HOPS = 1
 
@@ -47,6 +50,7 @@ class SipService:
         self.accounts = accounts
         self.peers = peers
         self.kamailio = kamailio
+        self._ring_generation = 0
 
     # -- the ring ----------------------------------------------------------------------
 
@@ -54,14 +58,31 @@ class SipService:
         """The home node's address for key (InvalidKeyError, NoMembersError)."""
         return self.rings.table.lookup(roles.SIP_PROXY, key)
 
-    def is_peer(self, address):
-        """Whether address is a live sip_proxy member (a node whose SIP requests are trusted);
-        UnavailableError before the first network status: a "no" then would have Kamailio take a
-        peer's forwarded request for a device's (and store a binding through the wrong node)."""
+    def ring(self):
+        """The sip_proxy ring's description for the SIP proxy beside this node: {"version", "points",
+        "sip_proxy": the live members' addresses}. UnavailableError before the first network status:
+        a ring without members then would have Kamailio take a peer's forwarded request for a
+        device's (and store a binding through the wrong node)."""
         table = self.rings.table
         if not table.version:
             raise UnavailableError("no network status yet")
-        return table.is_online(address, roles.SIP_PROXY)
+        return {"version": table.version, "points": table.points, "sip_proxy": list(table.members(roles.SIP_PROXY))}
+
+    def ring_generation(self):
+        """The table version at which the sip_proxy members last changed (0 before a network status)."""
+        return self._ring_generation
+
+    def ring_changed(self, old, new):
+        """RingFollower callback: a new generation when the sip_proxy members (or the points) differ."""
+        members = roles.SIP_PROXY
+        if not old.version or old.points != new.points or old.members(members) != new.members(members):
+            self._ring_generation = new.version
+
+    def tell_ring_generation(self):
+        """Sets $shv(thor_ring) in the SIP proxy beside this node to ring_generation(): its processes
+        compare it with the generation of the ring they hold at each request and ask for the ring
+        when it differs, so a ring change reaches them in milliseconds. RPCError when it cannot."""
+        self.kamailio.call("pv.shvSet", "thor_ring", "str", str(self._ring_generation))
 
     def serves(self, domain):
         """Whether domain is provisioned. UnavailableError until the accounts were loaded once: the
