@@ -37,7 +37,7 @@ from thor.loopback.sipp import Sipp
 NODES = ("node1", "node2", "node3")
 PASSWORD = "bench-password"
 SINGLE = "127.0.6.1"
-REGISTER_RATES = (400, 800, 1200, 1600, 2000, 2400, 2800, 3200, 3600, 4000, 4800, 5600, 6400, 8000)
+REGISTER_RATES = (400, 800, 1200, 1600, 2000, 2400, 2800, 3200, 3600, 4000, 4800, 5600, 6400, 8000, 9600, 11200, 12800)
 CALL_RATES = (50, 100, 150, 200, 250, 300, 350, 400, 500, 600, 800)
 # Subscribers provisioned; a step that needs more transactions goes round them again
 # (a second REGISTER refreshes a binding, a second call is another call).

@@ -10,11 +10,13 @@ Kamailio does when the ring is too big to build in each process (THOR_LOCAL_RING
 import pytest
 
 from thor.loopback.kamailio import invite, register
-from thor.loopback.ngnpro import DOMAIN, NODE_ADDRESSES, SipNetwork, account, password, subscribers
+from thor.loopback.ngnpro import DOMAIN, NODE_ADDRESSES, SipNetwork, account, ha1, owner, password, subscribers
 from thor.loopback.pki import ScratchPKI
 from thor.loopback.postgresql import PostgreSQL
 from thor.loopback.process import free_port, wait_for
 from thor.loopback.sipp import Sipp, thor_vias_of_invites
+from thor.sip.credentials import HA1_TABLE
+from thor.sip.location import KamailioRPC, RPCError
 from thor.sip.service import SipService, UnavailableError
 
 NODES = ("node1", "node2", "node3")
@@ -170,3 +172,39 @@ def test_a_node_that_has_not_loaded_its_accounts_says_it_cannot_answer_rather_th
     accounts.loads = 1
     assert service.serves("example.com") is True
     assert service.serves("other.example") is False
+
+
+def test_the_home_nodes_proxy_holds_the_ha1_of_its_enabled_accounts_and_again_after_a_restart(network):
+    """thor-node keeps the HA1 of the accounts it is home for in its Kamailio's htable (a REGISTER
+    is checked without asking it): an enabled account is there with its current HA1, a disabled
+    one is not, and a restarted Kamailio gets them all again (asked of thor-node meanwhile)."""
+    key = f"grace@{DOMAIN}"
+    network.soap.addAccount(account("grace", password="graces-password"))
+    home = next(name for name in NODES if NODE_ADDRESSES[name] == owner(network, key))
+    rpc = KamailioRPC(network.kamailios[home].rpc)
+
+    def held():
+        try:
+            return rpc.call("htable.get", HA1_TABLE, key)["item"]["value"]
+        except RPCError as problem:
+            assert "doesn't exist" in str(problem), problem
+            return None
+
+    wait_for(lambda: held() == ha1("grace", "graces-password"), 10)
+    network.soap.changePassword({"username": "grace", "domain": DOMAIN}, "a-new-password")
+    wait_for(lambda: held() == ha1("grace", "a-new-password"), 10)
+    network.soap.updateAccount({"id": {"username": "grace", "domain": DOMAIN}, "enabled": False})
+    wait_for(lambda: held() is None, 10)
+    assert register(5060, "grace", DOMAIN, "a-new-password", host=ADDRESSES[0]) == (403, "Account Disabled")
+    network.soap.updateAccount({"id": {"username": "grace", "domain": DOMAIN}, "enabled": True})
+    wait_for(lambda: held() == ha1("grace", "a-new-password"), 10)
+    # What the htable holds is what a REGISTER is checked with (thor-node is not asked).
+    rpc.call("htable.sets", HA1_TABLE, key, ha1("grace", "planted"))
+    assert register(5060, "grace", DOMAIN, "planted", host=NODE_ADDRESSES[home]) == (200, "OK")
+
+    # A restarted Kamailio gets the whole copy again (the planted HA1 is gone with the old one).
+    network.kamailios[home].stop()
+    network.kamailios[home].start()
+    assert register(5060, "grace", DOMAIN, "a-new-password", host=NODE_ADDRESSES[home]) == (200, "OK")
+    wait_for(lambda: held() == ha1("grace", "a-new-password"), 10)
+    assert register(5060, "grace", DOMAIN, "a-new-password", host=NODE_ADDRESSES[home]) == (200, "OK")

@@ -71,6 +71,7 @@ class AccountCache:
         self._wanted = Event()
         self._loaded = Event()
         self._workers = []
+        self._callbacks = []
 
     def start(self):
         client = self.member.client
@@ -82,6 +83,14 @@ class AccountCache:
 
     def stop(self):
         gevent.killall(self._workers, block=False)
+
+    def on_change(self, callback):
+        """callback(key) after the entry of key is stored, replaced or removed."""
+        self._callbacks.append(callback)
+
+    def _changed(self, key):
+        for callback in self._callbacks:
+            callback(key)
 
     # Ownership
 
@@ -95,6 +104,7 @@ class AccountCache:
         ]
         for key in lost:
             del self.entries[key]
+            self._changed(key)
         old_members, new_members = set(old.members(ROLE)), set(new.members(ROLE))
         if self.member.address in new_members and (
             old_members - new_members
@@ -124,6 +134,7 @@ class AccountCache:
         current = self.entries.get(key)
         if current is None or current.seq < seq or current.stamp < replaces_before:
             self.entries[key] = Entry(kind, seq, data, next(self._stamps))
+            self._changed(key)
         return key
 
     def _on_changes(self, message):
@@ -211,6 +222,7 @@ class AccountCache:
             ]
             for key in stale:
                 del self.entries[key]
+                self._changed(key)
             self._pending = None
             self.loads += 1
             self.load_seconds.observe(time.monotonic() - self._load_started)
@@ -232,6 +244,17 @@ class AccountCache:
     def get(self, key):
         entry = self.entries.get(key)
         return None if entry is None or entry.data is None or entry.kind in EVERYONE_KEEPS else entry
+
+    def ha1(self, key):
+        """The digest HA1 of key when it is an enabled account this node holds, else None."""
+        entry = self.get(key)
+        if entry is None or entry.kind != "account" or not entry.data.get("enabled", True):
+            return None
+        return entry.data.get("ha1")
+
+    def ha1s(self):
+        """(key, HA1) of every enabled account this node holds."""
+        return [(key, ha1) for key in list(self.entries) if (ha1 := self.ha1(key)) is not None]
 
 
 def accounts_application(cache, credential=""):

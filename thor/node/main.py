@@ -27,6 +27,7 @@ from thor.metrics import counter, gauge, histogram
 from thor.node.config import NodeConfig
 from thor.roles import INFRASTRUCTURE_ROLES
 from thor.sip.api import sip_application
+from thor.sip.credentials import CredentialMirror
 from thor.sip.location import KamailioRPC, RPCError
 from thor.sip.media import MediaProxy, RelayChooser, RelayControl
 from thor.sip.peers import PeerClient, PeerServer
@@ -107,7 +108,7 @@ class NodeDaemon(MemberDaemon):
         settings = self.config[NodeConfig]
         self.accounts = AccountCache(self.member, self.rings, reload_interval=settings.account_reload_interval)
         application = accounts_application(self.accounts, settings.accounts_credential)
-        self.sip = self.media = self.relay = self.peers = self.peer_server = None
+        self.sip = self.credentials = self.media = self.relay = self.peers = self.peer_server = None
         if self.identity.roles & {roles.SIP_PROXY, roles.MEDIA_RELAY}:
             application = self._start_peers(settings, application)
         try:
@@ -142,6 +143,7 @@ class NodeDaemon(MemberDaemon):
             self._checkers.append(gevent.spawn(self._report_relay, settings.statistics_interval))
         if self.sip is not None:
             self._checkers.append(gevent.spawn(self._tell_ring_changes))
+            self._checkers.append(gevent.spawn(self.credentials.run))
 
     def _start_peers(self, settings, accounts):
         """What other nodes ask this one (the peer API), and what the SIP proxy asks (/sip/ beside
@@ -152,6 +154,7 @@ class NodeDaemon(MemberDaemon):
             self.sip = SipService(
                 self.member.address, self.rings, self.member.status, self.accounts, self.peers, kamailio
             )
+            self.credentials = CredentialMirror(self.accounts, kamailio)
             chooser = RelayChooser(self.member.status, settings.site)
             self.media = MediaProxy(settings.media_listen, chooser, self.peers, self.identity.name)
             self._listen(self.media, "media_listen", settings.media_listen)
